@@ -1,0 +1,149 @@
+"""The weights format that training writes and the service reads.
+
+One ``.safetensors`` file: tensors named ``extractor.<param>`` and, optionally,
+``mask_generator.<param>``; string metadata ``format``, ``format_version``, ``config`` (the
+``ModelConfig`` as JSON: architecture, input size, mean/std, feature dimension) and
+``provenance`` (JSON: dataset, epochs, evaluation figures, creation time, ...).
+safetensors holds no code, so loading a hostile file cannot execute anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from models.config import ModelConfig
+from models.extractor import FeatureExtractor
+from models.unet import MaskGenerator
+
+FORMAT_NAME = "reid-gam-weights"
+FORMAT_VERSION = 1
+_EXTRACTOR = "extractor."
+_MASK = "mask_generator."
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used; the message names the file and what is wrong."""
+
+
+@dataclass
+class ReidModel:
+    """What a weights file holds, built into networks (in eval mode)."""
+
+    config: ModelConfig
+    extractor: FeatureExtractor
+    mask_generator: MaskGenerator | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def save_weights(
+    path: str | Path,
+    extractor: FeatureExtractor,
+    mask_generator: MaskGenerator | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write the networks to ``path`` atomically (a reader never sees half a file)."""
+    path = Path(path)
+    tensors = {_EXTRACTOR + k: v for k, v in extractor.state_dict().items()}
+    if mask_generator is not None:
+        tensors.update({_MASK + k: v for k, v in mask_generator.state_dict().items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    provenance = {"created_at": datetime.now(UTC).isoformat(timespec="seconds"), **(provenance or {})}
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(extractor.config.to_dict()),
+        "provenance": json.dumps(provenance, default=str),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_metadata(path: str | Path) -> tuple[ModelConfig, dict[str, Any], bool]:
+    """(config, provenance, has_mask_generator) without loading any tensor."""
+    path = Path(path)
+    _, config, provenance, has_mask = _open(path, tensors=False)
+    return config, provenance, has_mask
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> ReidModel:
+    """Build the networks a weights file describes and load its tensors, strictly."""
+    path = Path(path)
+    tensors, config, provenance, has_mask = _open(path, tensors=True)
+    extractor = FeatureExtractor(config)
+    _load_into(path, extractor, "extractor", _strip(tensors, _EXTRACTOR))
+    mask_generator = None
+    if has_mask:
+        mask_generator = MaskGenerator(config)
+        _load_into(path, mask_generator, "mask generator", _strip(tensors, _MASK))
+    leftover = sorted(k for k in tensors if not k.startswith((_EXTRACTOR, _MASK)))
+    if leftover:
+        raise WeightsError(f"weights file {path} holds tensors of no known network: {leftover[:3]}")
+    extractor.to(device).eval()
+    if mask_generator is not None:
+        mask_generator.to(device).eval()
+    return ReidModel(config, extractor, mask_generator, provenance)
+
+
+def _open(path: Path, tensors: bool) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, Any], bool]:
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            keys = list(f.keys())
+        state = load_file(str(path)) if tensors else {}
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise WeightsError(f"weights file {path} is corrupt or truncated, or not safetensors: {exc}") from exc
+    if metadata.get("format") != FORMAT_NAME:
+        raise WeightsError(f"weights file {path} is not a {FORMAT_NAME} file (its 'format' metadata is missing)")
+    try:
+        version = int(metadata.get("format_version", ""))
+    except ValueError:
+        raise WeightsError(f"weights file {path} has no valid format_version") from None
+    if version > FORMAT_VERSION:
+        raise WeightsError(
+            f"weights file {path} has format version {version}; this release reads up to {FORMAT_VERSION}"
+        )
+    try:
+        config = ModelConfig.from_dict(json.loads(metadata["config"]))
+        provenance = json.loads(metadata.get("provenance", "{}"))
+    except (KeyError, TypeError, json.JSONDecodeError, ValueError) as exc:
+        raise WeightsError(f"weights file {path} has an invalid model config: {exc}") from exc
+    if not any(k.startswith(_EXTRACTOR) for k in keys):
+        raise WeightsError(f"weights file {path} holds no extractor tensors")
+    return state, config, provenance, any(k.startswith(_MASK) for k in keys)
+
+
+def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _load_into(path: Path, module: torch.nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise WeightsError(
+            f"weights file {path} does not fit the {name} its config describes: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}"
+        )
+    module.load_state_dict(state)

@@ -1,0 +1,1 @@
+"""Offline training of the paper's three stages, evaluation and export."""
