@@ -24,3 +24,10 @@ def test_app_does_not_import_training():
 
 def test_models_imports_no_service_or_dataset_code():
     assert not _imported_top_levels("models") & {"app", "training", "fastapi", "faiss", "sqlalchemy"}
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    readme = (REPO_ROOT / "README.md").read_text()
+    ci_lines = [line for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in line]
+    assert len(ci_lines) == 1
+    assert f"```bash\n{ci_lines[0]}\n```" in readme
