@@ -430,6 +430,29 @@ def test_compose_api_publishes_and_checks_the_settings_port(compose, default_por
     assert api["restart"] in {"always", "unless-stopped", "on-failure"}
 
 
+def test_the_images_reid_variables_are_settings_and_agree_with_compose(
+    dockerfile, compose, setting_names, default_port
+):
+    image_env = dict(
+        token.split("=", 1)
+        for keyword, args in final_stage(dockerfile)
+        if keyword == "ENV"
+        for token in shlex.split(args)
+    )
+    reid = {name: value for name, value in image_env.items() if name.startswith("REID_")}
+    assert reid and not set(reid) - setting_names, sorted(set(reid) - setting_names)
+    assert reid["REID_PORT"] == str(default_port)
+    api_env = environment_of(compose["services"]["api"])
+    assert {name: api_env[name] for name in ("REID_DATA_DIR", "REID_WEIGHTS")} == {
+        name: reid[name] for name in ("REID_DATA_DIR", "REID_WEIGHTS")
+    }
+    # The data folder exists in the image, owned by the user that runs it (a new named volume copies this).
+    assert any(
+        keyword == "RUN" and f"mkdir -p {reid['REID_DATA_DIR']}" in args and "chown" in args
+        for keyword, args in final_stage(dockerfile)
+    )
+
+
 def test_every_variable_compose_and_env_example_set_is_a_setting(compose, compose_cpu, setting_names):
     for name, doc in [("docker-compose.yml", compose), ("docker-compose.cpu.yml", compose_cpu)]:
         for service in ("api", "train"):
