@@ -542,3 +542,12 @@ def _child(node: yaml.Node, *keys: str) -> yaml.Node | None:
         if node is None:
             return None
     return node
+
+
+def test_train_service_runs_the_training_package_of_the_image(compose):
+    import importlib.util
+
+    command = compose["services"]["train"]["command"]
+    assert command[:3] == ["python", "-m", "training"]
+    assert importlib.util.find_spec("training.__main__") is not None, "`python -m training` needs training/__main__.py"
+    assert compose["services"]["train"]["profiles"] == ["train"], "`docker compose up` must not start training"
