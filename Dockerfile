@@ -8,8 +8,8 @@
 # the CUDA 13.0.2 runtime images does, without a second copy of cuBLAS and friends. Host driver: >= 580.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
 
-# ---- builder: a virtual environment with every dependency; pip, caches and build tools stay here ----
-FROM ${CUDA_IMAGE} AS builder
+# ---- python: the interpreter and an empty virtual environment, shared by the two build stages below ----
+FROM ${CUDA_IMAGE} AS python
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -27,17 +27,23 @@ RUN apt-get update \
     && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
+# ---- requirements: the dependency list of pyproject.toml, so that only a change to it rebuilds the next layer ----
+FROM python AS requirements
 WORKDIR /build
-
-# Dependencies first, from pyproject.toml alone, so that editing the code reuses this (large) layer. faiss-cpu
-# is swapped for the `gpu` extra (faiss-gpu): both provide the `faiss` module and must not be installed together.
-COPY pyproject.toml README.md ./
+# faiss-cpu is swapped for the `gpu` extra (faiss-gpu): both provide the `faiss` module, never install both.
+COPY pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 reqs = [r for r in p['dependencies'] if not r.startswith('faiss-cpu')] + p['optional-dependencies']['gpu']; \
-open('requirements.txt', 'w').write('\n'.join(reqs) + '\n')" \
-    && pip install --requirement requirements.txt
+open('requirements.txt', 'w').write('\n'.join(reqs) + '\n')"
+
+# ---- builder: every dependency in a cached layer, then the code; pip and build tools stay in this stage ----
+FROM python AS builder
+WORKDIR /build
+COPY --from=requirements /build/requirements.txt ./
+RUN pip install --requirement requirements.txt
 
 # Then the code, installed without dependencies (they are all above; this also keeps faiss-cpu out).
+COPY pyproject.toml README.md ./
 COPY models ./models
 COPY training ./training
 COPY app ./app

@@ -5,6 +5,7 @@ routes and the README's command)."""
 from __future__ import annotations
 
 import importlib.resources
+import itertools
 import json
 import re
 import shlex
@@ -293,13 +294,20 @@ def test_dockerfile_is_multi_stage_on_the_cuda_version_of_torch(dockerfile):
 
 
 def test_dependencies_are_installed_before_the_code_is_copied(dockerfile):
-    builder = dockerfile[: max(i for i, (k, _) in enumerate(dockerfile) if k == "FROM")]
-    copies = [(i, args) for i, (k, args) in enumerate(builder) if k == "COPY"]
-    code_copies = [i for i, args in copies if re.search(r"\b(models|training|app)\b", args.split()[0])]
-    dependency_install = [i for i, (k, args) in enumerate(builder) if k == "RUN" and "--requirement" in args]
-    assert code_copies and dependency_install
-    assert max(dependency_install) < min(code_copies), "the dependency layer must not depend on the code"
-    code_install = [args for k, args in builder if k == "RUN" and re.search(r"pip install .*--no-deps \.", args)]
+    # The stage that installs the dependencies copies nothing that changes with the code or the docs before it
+    # (only the requirements list made from pyproject.toml), so their large layer stays cached.
+    starts = [i for i, (keyword, _) in enumerate(dockerfile) if keyword == "FROM"] + [len(dockerfile)]
+    stages = [dockerfile[a:b] for a, b in itertools.pairwise(starts)]
+    stage = next(st for st in stages if any(k == "RUN" and "--requirement" in args for k, args in st))
+    install = next(i for i, (k, args) in enumerate(stage) if k == "RUN" and "--requirement" in args)
+    before = [args for k, args in stage[:install] if k in {"COPY", "ADD"}]
+    assert all(re.fullmatch(r"--from=\S+ \S*requirements\.txt \S+", args) for args in before), before
+    after = " ".join(args for k, args in stage[install:] if k == "COPY")
+    for path in ("pyproject.toml", "README.md", "models", "training", "app"):
+        assert re.search(rf"(^|\s){re.escape(path)}(\s|$)", after), f"{path} is not copied after the dependencies"
+    code_install = [
+        args for k, args in stage[install:] if k == "RUN" and re.search(r"pip install .*--no-deps \.", args)
+    ]
     assert code_install, "the code is installed without re-resolving dependencies"
 
 
