@@ -1,0 +1,58 @@
+"""The service's settings, read once from ``REID_*`` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models import BACKBONES
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; the environment variable is the field name upper-cased with ``REID_``."""
+
+    model_config = SettingsConfigDict(env_prefix="REID_", env_file=None, extra="ignore")
+
+    data_dir: Path = Field(Path("./data"), description="SQLite file, FAISS index file and stored crops")
+    weights: Path | None = Field(None, description="weights file written by training (models.save_weights)")
+    pretrained: Path | None = Field(None, description="ImageNet weights for the trunk when no weights file is set")
+    backbone: str = Field("resnet50", description="backbone built when no weights file is set")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite under data_dir")
+    index_factory: str = Field("Flat", description="FAISS index_factory string, e.g. Flat, IVF1024,Flat, HNSW32")
+    api_key: str | None = Field(None, description="when set, every route but /health needs X-API-Key")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_files_per_request: int = Field(64, ge=1)
+    batch_max_size: int = Field(32, ge=1)
+    batch_max_wait_ms: float = Field(5.0, ge=0)
+    request_timeout_s: float = Field(60.0, gt=0)
+    db_connect_timeout_s: int = Field(5, ge=1)
+    cors_origins: str = Field("", description="comma-separated allowed origins; empty = CORS off")
+    log_level: str = Field("INFO")
+    host: str = Field("127.0.0.1")
+    port: int = Field(8000, ge=1, le=65535)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        if value not in BACKBONES:
+            raise ValueError(f"unknown backbone {value!r}; choose {', '.join(BACKBONES)}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+            raise ValueError(f"unknown device {value!r}; choose auto, cpu, cuda or cuda:N")
+        return value
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [v.strip() for v in self.cors_origins.split(",") if v.strip()]
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'reid.db').resolve()}"

@@ -1,0 +1,44 @@
+"""The database, the gallery's truth: one table of entries, each with its embedding and stored crop."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Integer, LargeBinary, MetaData, String, create_engine
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData()
+
+
+class Entry(Base):
+    __tablename__ = "reid_entries"
+
+    # Also the FAISS id: SQLite's INTEGER PRIMARY KEY / PostgreSQL's identity, never reused ids.
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    identity: Mapped[str] = mapped_column(String(200), index=True)
+    camera: Mapped[str | None] = mapped_column(String(100), nullable=True, index=True)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=lambda: datetime.now(UTC))
+    content_sha256: Mapped[str] = mapped_column(String(64))
+    crop_path: Mapped[str] = mapped_column(String(300))  # relative to data_dir, content-addressed
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian, feat_dim values
+
+
+def make_engine(url: str, connect_timeout_s: int = 5) -> Engine:
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": connect_timeout_s}
+    elif url.startswith("postgresql"):
+        kwargs["connect_args"] = {"connect_timeout": connect_timeout_s}
+        kwargs["pool_timeout"] = connect_timeout_s
+    return create_engine(url, **kwargs)
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker:
+    return sessionmaker(engine, expire_on_commit=False)

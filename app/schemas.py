@@ -1,0 +1,90 @@
+"""Response models; every field documented with an example (they make the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class EntryOut(BaseModel):
+    id: int = Field(description="entry id (also its FAISS id)", examples=[42])
+    identity: str = Field(description="the person's identity label", examples=["0001"])
+    camera: str | None = Field(None, description="camera the crop came from", examples=["c1"])
+    metadata: dict[str, Any] = Field(default_factory=dict, description="free metadata", examples=[{"site": "A"}])
+    created_at: datetime = Field(description="when it was enrolled (UTC)", examples=["2026-01-01T12:00:00Z"])
+    width: int = Field(description="stored crop width in pixels", examples=[64])
+    height: int = Field(description="stored crop height in pixels", examples=[128])
+
+
+class EntryPage(BaseModel):
+    total: int = Field(description="entries matching the filter", examples=[120])
+    offset: int = Field(description="first entry of this page", examples=[0])
+    limit: int = Field(description="page size", examples=[50])
+    items: list[EntryOut] = Field(description="the entries, by id")
+
+
+class Match(BaseModel):
+    id: int = Field(description="matching entry id", examples=[42])
+    identity: str = Field(description="its identity", examples=["0001"])
+    camera: str | None = Field(None, description="its camera", examples=["c2"])
+    distance: float = Field(description="Euclidean (not squared) L2 distance between templates", examples=[3.2])
+    similarity: float = Field(description="1 / (1 + distance), in (0, 1]; 1 = identical", examples=[0.24])
+
+
+class IdentityMatch(BaseModel):
+    identity: str = Field(description="identity label", examples=["0001"])
+    distance: float = Field(description="best (smallest) L2 distance among its matching entries", examples=[3.2])
+    similarity: float = Field(description="1 / (1 + distance)", examples=[0.24])
+    hits: int = Field(description="how many of the top-k matches are this identity", examples=[3])
+    match: bool = Field(description="false when the distance is over the threshold", examples=[True])
+
+
+class QueryResult(BaseModel):
+    filename: str | None = Field(None, description="the uploaded file's name", examples=["probe.jpg"])
+    matches: list[Match] = Field(description="nearest entries first")
+    identities: list[IdentityMatch] = Field(description="identities by best distance, nearest first")
+    threshold: float | None = Field(None, description="L2 distance threshold used (none = all match)", examples=[5.0])
+    mask_png_base64: str | None = Field(None, description="the query's attention mask (include_mask=true)")
+
+
+class QueryResponse(BaseModel):
+    results: list[QueryResult] = Field(description="one result per uploaded file, in order")
+
+
+class EmbedResult(BaseModel):
+    filename: str | None = Field(None, description="the uploaded file's name", examples=["crop.jpg"])
+    embedding: list[float] = Field(description="the template (feat_dim values)", examples=[[0.0, 0.12, 1.3]])
+
+
+class EmbedResponse(BaseModel):
+    dim: int = Field(description="template length", examples=[512])
+    results: list[EmbedResult] = Field(description="one per uploaded file, in order")
+
+
+class IdentityOut(BaseModel):
+    identity: str = Field(description="identity label", examples=["0001"])
+    entries: int = Field(description="number of enrolled crops", examples=[4])
+
+
+class DeleteResult(BaseModel):
+    deleted: int = Field(description="number of entries deleted", examples=[1])
+
+
+class Health(BaseModel):
+    status: str = Field(description="always ok when the process answers", examples=["ok"])
+    ready: bool = Field(description="model warmed up and index matching the database", examples=[True])
+    trained_weights: bool = Field(description="false: no trained weights, matches are meaningless", examples=[True])
+    warning: str | None = Field(None, description="why matches may be meaningless", examples=[None])
+    weights: str | None = Field(None, description="weights file path", examples=["/weights/reid.safetensors"])
+    backbone: str = Field(description="extractor backbone", examples=["resnet50"])
+    feat_dim: int = Field(description="template length", examples=[512])
+    mask_generator: bool = Field(description="the weights hold a mask generator", examples=[True])
+    provenance: dict[str, Any] = Field(default_factory=dict, description="what the weights file says about itself")
+    device: str = Field(description="torch device", examples=["cuda:0"])
+    gallery_size: int = Field(description="entries in the index", examples=[1200])
+
+
+class Ready(BaseModel):
+    ready: bool = Field(description="true when serving", examples=[True])
