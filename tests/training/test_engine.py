@@ -1,0 +1,166 @@
+"""The stages' separation (each loss moves only its own network) and a short CPU run that learns."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from training.config import TrainConfig
+from training.engine import Loaders, build_networks, evaluate, fit, set_stage_modes, training_step
+from training.losses import extractor_loss, mask_loss
+
+SMALL = dict(
+    backbone="resnet18",
+    input_height=64,
+    input_width=32,
+    feat_dim=64,
+    unet_base_width=4,
+    unet_levels=3,
+    device="cpu",
+    workers=0,
+    p=4,
+    k=3,
+)
+
+
+class BlobIds(Dataset):
+    """Identity i: a person-like box of colour i (top) and colour i' (bottom) on a noisy background."""
+
+    def __init__(self, num_ids: int, per_id: int, seed: int, cams: int = 2) -> None:
+        g = torch.Generator().manual_seed(seed)
+        colours = torch.Generator().manual_seed(1234)
+        palette = torch.rand(num_ids, 2, 3, generator=colours) * 2 - 1
+        self.items = []
+        for pid in range(num_ids):
+            for j in range(per_id):
+                img = torch.randn(3, 64, 32, generator=g) * 0.6
+                top = int(torch.randint(4, 12, (1,), generator=g))
+                img[:, top : top + 22, 6:26] = palette[pid, 0, :, None, None] * 2
+                img[:, top + 22 : top + 44, 6:26] = palette[pid, 1, :, None, None] * 2
+                self.items.append((img, pid, j % cams))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        img, pid, cam = self.items[i]
+        return img, pid, cam, i
+
+
+def _pk_batches(ds: BlobIds, p: int, k: int, seed: int) -> list[list[int]]:
+    by_pid: dict[int, list[int]] = {}
+    for i, (_img, pid, _cam) in enumerate(ds.items):
+        by_pid.setdefault(pid, []).append(i)
+    g = torch.Generator().manual_seed(seed)
+    pids = [list(by_pid)[i] for i in torch.randperm(len(by_pid), generator=g)]
+    return [[i for q in pids[s : s + p] for i in by_pid[q][:k]] for s in range(0, len(pids) - p + 1, p)]
+
+
+def _batch(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    ds = BlobIds(config.p, config.k, seed=1)
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    return images, torch.tensor([ds[i][1] for i in range(len(ds))])
+
+
+def test_stage2_leaves_the_extractor_and_its_buffers_unchanged() -> None:
+    config = TrainConfig(**SMALL)
+    nets = build_networks(config, torch.device("cpu"))
+    images, pids = _batch(config)
+    before = copy.deepcopy(nets.extractor.state_dict())
+    gen_before = copy.deepcopy(nets.mask_generator.state_dict())
+    set_stage_modes(2, nets)
+    for _ in range(2):
+        training_step(2, images, pids, nets, config, torch.device("cpu"))
+    for name, value in nets.extractor.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert any(not torch.equal(v, gen_before[k]) for k, v in nets.mask_generator.state_dict().items())
+
+
+def test_stage3_each_loss_reaches_only_its_own_network() -> None:
+    config = TrainConfig(**SMALL)
+    nets = build_networks(config, torch.device("cpu"))
+    images, pids = _batch(config)
+    set_stage_modes(3, nets)
+    ext, gen = nets.extractor, nets.mask_generator
+    from models import hide_top
+
+    mask = gen(images)
+    clean = ext(images)
+    l_ext = extractor_loss(clean, ext(hide_top(images, mask.detach(), 0.3)), pids)["loss_extractor"]
+    ext_params, gen_params = list(ext.parameters()), list(gen.parameters())
+    g_ext = torch.autograd.grad(l_ext, ext_params + gen_params, retain_graph=True, allow_unused=True)
+    assert all(g is None or g.abs().sum() == 0 for g in g_ext[len(ext_params) :])  # nothing reaches the generator
+    assert any(g is not None and g.abs().sum() > 0 for g in g_ext[: len(ext_params)])
+    # the engine's step: L_mask must leave the extractor alone, L_extractor the generator
+    ext_before = copy.deepcopy(ext.state_dict())
+    gen_before = copy.deepcopy(gen.state_dict())
+    nets.opt_extractor.param_groups[0]["lr"] = 0.0  # only the mask generator may move
+    training_step(3, images, pids, nets, config, torch.device("cpu"))
+    assert all(
+        torch.equal(ext.state_dict()[k], v)
+        for k, v in ext_before.items()
+        if "running" not in k and "num_batches" not in k
+    )
+    assert any(not torch.equal(gen.state_dict()[k], v) for k, v in gen_before.items())
+    # and with the generator's lr at zero only the extractor moves
+    nets.opt_extractor.param_groups[0]["lr"] = 2e-4
+    nets.opt_mask.param_groups[0]["lr"] = 0.0
+    gen_before = {k: v.clone() for k, v in gen.named_parameters()}
+    ext_before = {k: v.clone() for k, v in ext.named_parameters()}
+    training_step(3, images, pids, nets, config, torch.device("cpu"))
+    assert all(torch.equal(gen.get_parameter(k), v) for k, v in gen_before.items())
+    assert any(not torch.equal(ext.get_parameter(k), v) for k, v in ext_before.items())
+
+
+def test_stage3_grads_of_each_loss_in_the_engine() -> None:
+    """backward(inputs=...) as the engine does it: L_mask's grads land only on the generator."""
+    config = TrainConfig(**SMALL)
+    nets = build_networks(config, torch.device("cpu"))
+    images, _pids = _batch(config)
+    set_stage_modes(3, nets)
+    mask = nets.mask_generator(images)
+    l_mask = mask_loss(nets.extractor(images).detach(), nets.extractor(mask * images), mask)["loss_mask"]
+    l_mask.backward(inputs=list(nets.mask_generator.parameters()))
+    assert all(p.grad is None for p in nets.extractor.parameters())
+    assert all(p.grad is not None for p in nets.mask_generator.parameters())
+
+
+def test_nonfinite_loss_stops_with_the_loss_dict() -> None:
+    from training.engine import NonFiniteLossError
+
+    config = TrainConfig(**SMALL)
+    nets = build_networks(config, torch.device("cpu"))
+    images, pids = _batch(config)
+    set_stage_modes(1, nets)
+    with pytest.raises(NonFiniteLossError, match="loss_triplet"):
+        training_step(1, images * float("nan"), pids, nets, config, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_three_stages_lower_the_triplet_loss_and_raise_map(tmp_path) -> None:
+    config = TrainConfig(**{**SMALL, "p": 6, "k": 3}, epochs=(6, 1, 2), eval_every=0, lr=1e-3, seed=0)
+    train = BlobIds(12, 6, seed=2)
+    test = BlobIds(8, 4, seed=3)
+    query = torch.utils.data.Subset(test, [i for i in range(len(test)) if i % 4 == 0])
+    gallery = torch.utils.data.Subset(test, [i for i in range(len(test)) if i % 4 != 0])
+    batches = _pk_batches(train, config.p, config.k, seed=0)
+    loaders = Loaders(
+        train=DataLoader(train, batch_sampler=batches * 2),
+        query=DataLoader(query, batch_size=32),
+        gallery=DataLoader(gallery, batch_size=32),
+        figure_images=torch.stack([test[i][0] for i in range(4)]),
+    )
+    torch.manual_seed(0)
+    nets = build_networks(config, torch.device("cpu"))
+    untrained = evaluate(nets.extractor, loaders.query, loaders.gallery, torch.device("cpu"))
+    nets, state = fit(config, loaders, out=tmp_path, nets=nets)
+    stage1 = [r for r in state.history if r["stage"] == 1]
+    assert stage1[-1]["loss_triplet"] < stage1[0]["loss_triplet"]
+    final = state.history[-1]
+    assert final["mAP"] > untrained["mAP"] + 10
+    assert {"loss_mask", "loss_extractor", "all_mAP", "mINP"} <= set(final)
+    for name in ("last.pt", "best.pt", "log.csv", "config.json", "curves.png", "masks_stage2.png", "masks_stage3.png"):
+        assert (tmp_path / name).is_file(), name
