@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
@@ -44,6 +44,10 @@ from app.schemas import (
 
 logger = logging.getLogger(__name__)
 
+View = Annotated[
+    Literal["mask", "overlay", "hidden"],
+    Query(description="mask: the mask as grey; overlay: heat map over the crop; hidden: top 30% hidden"),
+]
 NO_WEIGHTS_WARNING = "no trained weights loaded (REID_WEIGHTS unset): matches are meaningless"
 
 
@@ -336,7 +340,6 @@ def build_router() -> APIRouter:
     def _no_mask() -> ApiError:
         return ApiError(409, "no_mask_generator", "the loaded weights have no mask generator; load weights that do")
 
-    View = Annotated[str, Query(pattern="^(mask|overlay|hidden)$", description="mask | overlay | hidden")]
     png = {200: {"content": {"image/png": {}}, "description": "PNG at the crop's size"}}
 
     @router.get("/mask/{entry_id}", response_class=Response, responses=png, tags=["mask"])
