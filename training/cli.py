@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -175,13 +174,13 @@ def _eval_loaders(dataset, model_config, workers: int):
 
 def build_loaders(config: TrainConfig, rank: int = 0, world_size: int = 1):
     """Train (P x K sampler), query and gallery loaders from the data package."""
+    if not Path(config.root).exists():
+        raise FileNotFoundError(f"data set root {config.root} does not exist")
     from training.data import ImageDataset, build_dataset
     from training.engine import Loaders
     from training.samplers import RandomIdentitySampler
     from training.transforms import build_train_transform
 
-    if not Path(config.root).exists():
-        raise FileNotFoundError(f"data set root {config.root} does not exist")
     dataset = build_dataset(config.dataset, config.root, **config.dataset_kwargs)
     model_config = config.model_config()
     sampler = RandomIdentitySampler(
