@@ -236,13 +236,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from models import load_weights
-    from training.data import build_dataset
     from training.engine import evaluate, resolve_device
 
     if not Path(args.root).exists():
         raise FileNotFoundError(f"data set root {args.root} does not exist")
     device = resolve_device(args.device)
     model = load_weights(args.weights, device)
+    from training.data import build_dataset
+
     kwargs = {"query_camid": args.query_camid} if args.dataset == "folder" else {}
     dataset = build_dataset(args.dataset, args.root, **kwargs)
     query, gallery = _eval_loaders(dataset, model.config, args.workers)

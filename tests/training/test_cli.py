@@ -1,0 +1,95 @@
+"""The CLI's bad-input messages, and resume continuing exactly where a run stopped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from tests.training.test_engine import SMALL, BlobIds, _pk_batches
+from training.cli import build_parser, main
+from training.config import TrainConfig
+from training.engine import Loaders, fit
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_missing_root_is_one_clear_sentence(tmp_path, capsys) -> None:
+    code, err = _run(
+        ["fit", "--dataset", "market1501", "--root", str(tmp_path / "nope"), "--out", str(tmp_path)], capsys
+    )
+    assert code != 0 and f"data set root {tmp_path / 'nope'} does not exist" in err
+
+
+def test_unknown_dataset_names_the_choices(tmp_path, capsys) -> None:
+    code, err = _run(["fit", "--dataset", "imagenet", "--root", str(tmp_path)], capsys)
+    assert code != 0 and "invalid choice: 'imagenet'" in err and "market1501" in err
+
+
+@pytest.mark.parametrize("epochs", ["50,25", "a,b,c", "1,-2,3"])
+def test_bad_epochs_is_refused(tmp_path, capsys, epochs: str) -> None:
+    code, err = _run(["fit", "--root", str(tmp_path), "--epochs", epochs], capsys)
+    assert code != 0 and "--epochs" in err
+
+
+def test_missing_weights_and_run_are_refused(tmp_path, capsys) -> None:
+    code, err = _run(["evaluate", "--weights", str(tmp_path / "w.safetensors"), "--root", str(tmp_path)], capsys)
+    assert code != 0 and "does not exist" in err
+    code, err = _run(["export", "--run", str(tmp_path / "run")], capsys)
+    assert code != 0 and "run folder" in err
+
+
+def test_every_flag_has_help_and_defaults_are_the_papers() -> None:
+    parser = build_parser()
+    for sub in parser._subparsers._group_actions[0].choices.values():
+        for action in sub._actions:
+            assert action.help, action.dest
+    args = parser.parse_args(["fit", "--root", "x"])
+    config = TrainConfig()
+    assert args.epochs == (50, 25, 100) == config.epochs
+    assert (args.p, args.k, args.lr, args.margin, args.lambda1, args.lambda2) == (20, 3, 2e-4, 0.3, 0.9, 0.95)
+    assert config.mask_lr == 1e-3 and config.mask_ratio == 0.3 and config.backbone == "resnet50"
+
+
+def _loaders(config: TrainConfig) -> Loaders:
+    train, test = BlobIds(4, 3, seed=2), BlobIds(4, 3, seed=3)
+    return Loaders(
+        train=DataLoader(train, batch_sampler=_pk_batches(train, config.p, config.k, seed=0)),
+        query=DataLoader(torch.utils.data.Subset(test, [0, 3, 6, 9]), batch_size=16),
+        gallery=DataLoader(torch.utils.data.Subset(test, [1, 2, 4, 5, 7, 8, 10, 11]), batch_size=16),
+    )
+
+
+def test_resume_continues_where_it_stopped(tmp_path) -> None:
+    base = {**SMALL, "epochs": (2, 1, 1), "eval_every": 0, "seed": 3}
+    whole = TrainConfig(**base)
+    nets_whole, state_whole = fit(whole, _loaders(whole), out=tmp_path / "whole")
+
+    first = TrainConfig(**base, stages=(1,))
+    fit(first, _loaders(first), out=tmp_path / "split")
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["stages"] == [1]
+    torch.manual_seed(123)  # resume must restore the RNG, whatever the process did in between
+    rest = TrainConfig(**base, stages=(1, 2, 3))
+    nets_split, state_split = fit(rest, _loaders(rest), out=tmp_path / "split", resume=True)
+
+    assert [(r["stage"], r["epoch"]) for r in state_split.history] == [(1, 1), (1, 2), (2, 1), (3, 1)]
+    for a, b in ((nets_whole.extractor, nets_split.extractor), (nets_whole.mask_generator, nets_split.mask_generator)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.allclose(x.float(), y.float(), atol=1e-6), name
+    assert state_split.history[-1]["loss_mask"] == pytest.approx(state_whole.history[-1]["loss_mask"], rel=1e-5)
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path) -> None:
+    config = TrainConfig(**SMALL)
+    with pytest.raises(FileNotFoundError, match=r"last\.pt"):
+        fit(config, _loaders(config), out=tmp_path, resume=True)
