@@ -142,12 +142,19 @@ def training_step(
             clean = ext(images)
             hidden = hide_top(images, mask.detach(), config.mask_ratio)
             losses = extractor_loss(clean, ext(hidden), pids, config.lambda1, config.margin, config.soft_margin)
+            # L_mask uses the extractor but must not update it, buffers included: the running statistics
+            # are put back after the backward passes (autograd checks they are unchanged until then).
+            bn_stats = {k: v.clone() for k, v in ext.named_buffers()}
             losses.update(mask_loss(clean.detach(), ext(mask * images), mask, config.lambda2))
     _check_finite(losses)
     if stage in (1, 3):
         _backward(losses["loss_triplet" if stage == 1 else "loss_extractor"], ext_params, nets)
     if stage in (2, 3):
         _backward(losses["loss_mask"], gen_params, nets)
+    if stage == 3:
+        with torch.no_grad():
+            for k, v in ext.named_buffers():
+                v.copy_(bn_stats[k])
     if stage in (1, 3):
         _step(nets.opt_extractor, nets)
     if stage in (2, 3):

@@ -203,3 +203,22 @@ def test_two_gloo_ranks_stay_in_step(tmp_path) -> None:
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert torch.equal(a, b)
+
+
+def test_stage3_mask_loss_forward_leaves_the_extractors_bn_statistics() -> None:
+    """Only the clean and hidden forwards (L_extractor's) may move the extractor's running statistics."""
+    from models import hide_top
+
+    config = TrainConfig(**SMALL)
+    nets = build_networks(config, torch.device("cpu"))
+    images, pids = _batch(config)
+    set_stage_modes(3, nets)
+    ext_copy, gen_copy = copy.deepcopy(nets.extractor), copy.deepcopy(nets.mask_generator)
+    with torch.no_grad():
+        mask = gen_copy(images)
+        ext_copy(images)
+        ext_copy(hide_top(images, mask, config.mask_ratio))
+    training_step(3, images, pids, nets, config, torch.device("cpu"))
+    expected = dict(ext_copy.named_buffers())
+    for name, value in nets.extractor.named_buffers():
+        assert torch.allclose(value, expected[name]), name
