@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import io
@@ -463,7 +464,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return problem(413, "request_too_large", f"the request body is over the {limit}-byte limit")
         start = time.perf_counter()
         try:
-            response = await call_next(request)
+            response = await asyncio.wait_for(call_next(request), settings.request_timeout_s)
+        except TimeoutError:
+            logger.warning("request %s %s timed out after %.1f s", request.method, route, settings.request_timeout_s)
+            response = problem(504, "timeout", f"the request took over {settings.request_timeout_s} s")
         except Exception:
             logger.exception("unhandled error on %s %s", request.method, route)
             response = problem(500, "internal_error", "an unexpected error occurred; it has been logged")

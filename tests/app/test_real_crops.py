@@ -31,7 +31,10 @@ def _crops() -> tuple[list[tuple[str, str, Path]], list[tuple[str, Path]]]:
     by_pid: dict[str, list[Path]] = defaultdict(list)
     for path in sorted(market.glob("*.jpg")):
         by_pid[path.name[:4]].append(path)
+    distractors = [pid for pid, paths in by_pid.items() if len(paths) == 1][:12]
     for pid, paths in by_pid.items():
+        if len(paths) == 1 and pid not in distractors:
+            continue
         gallery.append((f"market{pid}", paths[0].name.split("_")[1][:2], paths[0]))
         if len(paths) > 1:
             queries.append((f"market{pid}", paths[1]))
@@ -71,6 +74,7 @@ def test_real_crops_rank_like_brute_force(tmp_path, database_url: str | None) ->
                 assert result["identities"][0]["identity"] == identity
                 found_first += 1
         # ImageNet features are no re-ID model, but most held-out crops still find their own person first.
+        print(f"held-out crops whose own identity ranks first: {found_first} of {len(queries)}")
         assert found_first >= len(queries) // 2, f"{found_first} of {len(queries)}"
         entry = client.get(f"/gallery/{ids[0]}").json()
         width, height = Image.open(gallery[0][2]).size
