@@ -20,6 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
@@ -423,16 +424,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings.sqlalchemy_url, settings.db_connect_timeout_s)
         use_gpu = embedder.device.type == "cuda"
         gallery = Gallery(engine, settings.data_dir, embedder.feat_dim, settings.index_factory, use_gpu)
-        await run_in_threadpool(gallery.open)
-        state.gallery = gallery
-        state.size.set(len(gallery))
         embedder.start()
-        state.ready = True
-        logger.info("ready: %d gallery entries on %s", len(gallery), embedder.device)
+
+        async def open_gallery() -> None:
+            # A database that is down at start-up is retried: /ready and the API answer 503 meanwhile.
+            while True:
+                try:
+                    await run_in_threadpool(gallery.open)
+                    break
+                except (OperationalError, DBAPIError) as exc:
+                    logger.error("database unreachable at start-up (%s); retrying in 2 s", type(exc).__name__)
+                    await asyncio.sleep(2.0)
+            state.gallery = gallery
+            state.size.set(len(gallery))
+            state.ready = True
+            logger.info("ready: %d gallery entries on %s", len(gallery), embedder.device)
+
+        opener = asyncio.ensure_future(open_gallery())
+        await asyncio.wait([opener], timeout=settings.db_connect_timeout_s * 2)  # usually done at once
         try:
             yield
         finally:
             state.ready = False
+            opener.cancel()
             await embedder.stop()
             engine.dispose()
 

@@ -173,3 +173,18 @@ def test_no_mask_generator(settings: Settings, small_weights_no_mask) -> None:
             "/query", files={"file": ("a.png", png_bytes(1), "image/png")}, data={"include_mask": "true"}
         )
         assert response.status_code == 409 and response.json()["code"] == "no_mask_generator"
+
+
+def test_database_down_at_start_up_gives_503_not_a_crash(tmp_path, small_weights) -> None:
+    settings = Settings(
+        data_dir=tmp_path,
+        weights=small_weights,
+        device="cpu",
+        database_url="postgresql+psycopg://nobody@127.0.0.1:1/none",
+        db_connect_timeout_s=1,
+    )
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/health").json()["ready"] is False
+        for url in ("/ready", "/gallery"):
+            response = client.get(url)
+            assert response.status_code == 503 and response.json()["code"] == "not_ready"
