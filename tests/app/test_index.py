@@ -112,3 +112,30 @@ def test_micro_batching_gives_the_same_vectors(small_weights, tmp_path) -> None:
     together = np.concatenate(asyncio.run(concurrent()))
     np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
     assert len(embedder.inference_seconds) - calls_before < len(images)  # shared forward passes
+
+
+def test_concurrent_enroll_query_delete_keeps_index_and_database_equal(settings: Settings) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with TestClient(create_app(settings)) as client:
+
+        def worker(n: int) -> list[int]:
+            kept = []
+            for i in range(4):
+                entry = client.post(
+                    "/gallery",
+                    files={"files": ("a.png", png_bytes(100 * n + i), "image/png")},
+                    data={"identity": f"w{n}"},
+                ).json()[0]
+                assert client.post("/query", files={"file": ("q.png", png_bytes(n), "image/png")}).status_code == 200
+                if i % 2:
+                    assert client.delete(f"/gallery/{entry['id']}").status_code == 200
+                else:
+                    kept.append(entry["id"])
+            return kept
+
+        with ThreadPoolExecutor(4) as pool:
+            kept = sorted(i for ids in pool.map(worker, range(4)) for i in ids)
+        gallery = client.app.state.reid.gallery
+        assert sorted(gallery.index.ids().tolist()) == kept == gallery.db_ids().tolist()
+        assert client.get("/ready").status_code == 200
