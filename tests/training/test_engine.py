@@ -36,10 +36,10 @@ class BlobIds(Dataset):
         self.items = []
         for pid in range(num_ids):
             for j in range(per_id):
-                img = torch.randn(3, 64, 32, generator=g) * 0.6
+                img = torch.randn(3, 64, 32, generator=g) * 1.0
                 top = int(torch.randint(4, 12, (1,), generator=g))
-                img[:, top : top + 22, 6:26] = palette[pid, 0, :, None, None] * 2
-                img[:, top + 22 : top + 44, 6:26] = palette[pid, 1, :, None, None] * 2
+                img[:, top : top + 22, 6:26] = palette[pid, 0, :, None, None] * 0.8
+                img[:, top + 22 : top + 44, 6:26] = palette[pid, 1, :, None, None] * 0.8
                 self.items.append((img, pid, j % cams))
 
     def __len__(self) -> int:
@@ -143,7 +143,7 @@ def test_nonfinite_loss_stops_with_the_loss_dict() -> None:
 def test_three_stages_lower_the_triplet_loss_and_raise_map(tmp_path) -> None:
     config = TrainConfig(**{**SMALL, "p": 6, "k": 3}, epochs=(6, 1, 2), eval_every=0, lr=1e-3, seed=0)
     train = BlobIds(12, 6, seed=2)
-    test = BlobIds(8, 4, seed=3)
+    test = BlobIds(16, 4, seed=3)
     query = torch.utils.data.Subset(test, [i for i in range(len(test)) if i % 4 == 0])
     gallery = torch.utils.data.Subset(test, [i for i in range(len(test)) if i % 4 != 0])
     batches = _pk_batches(train, config.p, config.k, seed=0)
