@@ -188,3 +188,33 @@ def test_database_down_at_start_up_gives_503_not_a_crash(tmp_path, small_weights
         for url in ("/ready", "/gallery"):
             response = client.get(url)
             assert response.status_code == 503 and response.json()["code"] == "not_ready"
+
+
+def _encoded(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_odd_but_valid_images_are_embedded_as_their_rgb(client: TestClient) -> None:
+    import numpy as np
+
+    from models import to_rgb
+
+    base = Image.open(io.BytesIO(png_bytes(3)))
+    frames = [base, Image.new("RGB", base.size, (255, 0, 0))]
+    cases = {
+        "cmyk.jpg": base.convert("CMYK"),
+        "grey16.png": Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257),
+        "palette.png": base.convert("P"),
+        "alpha.png": base.convert("RGBA"),
+    }
+    uploads = {name: _encoded(image, "JPEG" if name.endswith("jpg") else "PNG") for name, image in cases.items()}
+    uploads["animated.gif"] = _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    files = [("files", (name, data, "application/octet-stream")) for name, data in uploads.items()]
+    response = client.post("/embed", files=files)
+    assert response.status_code == 200, response.text
+    got = np.array([r["embedding"] for r in response.json()["results"]], dtype=np.float32)
+    embedder = client.app.state.reid.embedder
+    expected = embedder.embed_sync([to_rgb(Image.open(io.BytesIO(data))) for data in uploads.values()])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)  # the GIF's first frame, RGB conversions
