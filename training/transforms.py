@@ -1,0 +1,49 @@
+"""Section 3.2's pre-processing: resize to 234 x 117, random 224 x 112 crop, horizontal flip, ImageNet normalisation.
+
+Evaluation resizes straight to the input size (``build_eval_transform``, re-exported from ``models``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from models import ModelConfig, build_eval_transform
+
+logger = logging.getLogger(__name__)
+
+# The paper resizes to 234 x 117 and crops 224 x 112: the resize is the input size scaled by 234 / 224.
+PAPER_RESIZE_RATIO = 234 / 224
+
+
+def train_resize(input_size: tuple[int, int]) -> tuple[int, int]:
+    """(224, 112) -> (234, 117); other input sizes in the same ratio."""
+    return (round(input_size[0] * PAPER_RESIZE_RATIO), round(input_size[1] * PAPER_RESIZE_RATIO))
+
+
+def build_train_transform(
+    config: ModelConfig, resize: tuple[int, int] | None = None, flip_p: float = 0.5
+) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB image -> (3, H, W) float tensor: resize, random crop to ``config.input_size``, flip, normalise."""
+    resize = train_resize(config.input_size) if resize is None else tuple(resize)
+    if resize[0] < config.input_height or resize[1] < config.input_width:
+        raise ValueError(f"resize {resize} must be at least the input size {config.input_size} to crop from")
+    if not 0.0 <= flip_p <= 1.0:
+        raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(resize, antialias=True),
+            v2.RandomCrop(config.input_size),
+            v2.RandomHorizontalFlip(p=flip_p),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(config.mean), std=list(config.std)),
+        ]
+    )
+
+
+__all__ = ["PAPER_RESIZE_RATIO", "build_eval_transform", "build_train_transform", "train_resize"]
