@@ -8,10 +8,10 @@ Use it as a plain sampler with the loader's batch size set to P * K::
         sampler.set_epoch(epoch)
         for images, pids, camids, indices in loader: ...
 
-Every consecutive block of P * K indices it yields is one batch: P distinct identities, K images each (drawn with
-replacement where an identity has fewer than K images). An epoch follows torchreid's ``RandomIdentitySampler``:
-each identity's images are shuffled and cut into groups of K, and batches take one group from each of P
-identities drawn at random among those with groups left, until fewer than P remain.
+Every consecutive block of P * K indices it yields is one batch: P distinct identities, K images each (where an
+identity has fewer than K images, all of them topped up with repeats drawn with replacement). An epoch follows
+torchreid's ``RandomIdentitySampler``: each identity's images are shuffled and cut into groups of K, and batches
+take one group from each of P identities drawn at random among those with groups left, until fewer than P remain.
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ class RandomIdentitySampler(torch.utils.data.Sampler[int]):
         groups: dict[int, list[list[int]]] = {}
         for pid, indices in self.index_by_pid.items():
             k = self.num_instances
-            chosen = (
-                list(rng.choice(indices, size=k, replace=True)) if len(indices) < k else list(rng.permutation(indices))
-            )
+            chosen = list(rng.permutation(indices))
+            if len(chosen) < k:  # every image once, then repeats drawn with replacement to make up K
+                chosen += list(rng.choice(indices, size=k - len(chosen), replace=True))
             # Groups of K; a last incomplete group is dropped, as in torchreid.
             groups[pid] = [[int(i) for i in chosen[j : j + k]] for j in range(0, len(chosen) - k + 1, k)]
         batches: list[list[int]] = []

@@ -1,0 +1,62 @@
+"""Section 3.2's training transform: 234 x 117 resize, 224 x 112 crop, flip p = 0.5, ImageNet normalisation."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from training.transforms import build_eval_transform, build_train_transform, train_resize
+
+
+def _image(h: int, w: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def test_paper_sizes() -> None:
+    assert train_resize((224, 112)) == (234, 117)
+    out = build_train_transform(ModelConfig())(_image(300, 140))
+    assert out.shape == (3, 224, 112) and out.dtype == torch.float32
+    assert build_eval_transform(ModelConfig())(_image(300, 140)).shape == (3, 224, 112)
+
+
+def test_crop_is_a_window_of_the_resized_image_normalised_with_imagenet_statistics() -> None:
+    config = ModelConfig(backbone="resnet18", input_height=64, input_width=32)
+    image = _image(68, 36)  # already the resize size: the crop is a plain window of the pixels
+    out = build_train_transform(config, resize=(68, 36), flip_p=0.0)(image)
+    assert out.shape == (3, 64, 32)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    normalised = (pixels - mean) / std
+    windows = [normalised[:, y : y + 64, x : x + 32] for y in range(5) for x in range(5)]
+    assert min((out - w).abs().max().item() for w in windows) < 1e-5
+
+
+def test_flip_happens_about_half_the_time() -> None:
+    config = ModelConfig(backbone="resnet18", input_height=64, input_width=32)
+    image = _image(64, 32, seed=1)  # resize == input size: no crop freedom, so only the flip changes the output
+    plain = build_train_transform(config, resize=(64, 32), flip_p=0.0)(image)
+    flipped = plain.flip(-1)
+    transform = build_train_transform(config, resize=(64, 32))
+    torch.manual_seed(0)
+    n, flips = 400, 0
+    for _ in range(n):
+        out = transform(image)
+        if torch.allclose(out, flipped):
+            flips += 1
+        else:
+            assert torch.allclose(out, plain)
+    assert abs(flips / n - 0.5) < 0.1  # 5 standard deviations of a fair coin over 400 draws
+    assert all(torch.allclose(build_train_transform(config, (64, 32), flip_p=1.0)(image), flipped) for _ in range(5))
+
+
+def test_bad_arguments_are_errors() -> None:
+    config = ModelConfig()
+    with pytest.raises(ValueError, match=re.escape("resize (200, 100) must be at least the input size (224, 112)")):
+        build_train_transform(config, resize=(200, 100))
+    with pytest.raises(ValueError, match=re.escape("flip_p must be in [0, 1], got 1.5")):
+        build_train_transform(config, flip_p=1.5)
