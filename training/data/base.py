@@ -53,6 +53,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
         sample = self.samples[index]
-        with Image.open(sample.path) as image:
-            image = to_rgb(image)
+        with Image.open(sample.path) as file:
+            # A copy: an RGB file comes back from to_rgb as the same lazy object, unusable once the file closes.
+            image = to_rgb(file).copy()
         return self.transform(image), sample.pid, sample.camid, index
