@@ -5,9 +5,23 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Integer, LargeBinary, MetaData, String, create_engine
-from sqlalchemy.engine import Engine
+from sqlalchemy import JSON, BigInteger, DateTime, Integer, LargeBinary, MetaData, String, TypeDecorator, create_engine
+from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+
+class UTCDateTime(TypeDecorator):
+    """A timezone-aware UTC datetime on every backend: SQLite keeps no offset, so its values are read back as
+    UTC (a naive datetime would be served without one, which is not an RFC 3339 date-time)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return value.astimezone(UTC) if value is not None and value.tzinfo is not None else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 class Base(DeclarativeBase):
@@ -22,7 +36,7 @@ class Entry(Base):
     identity: Mapped[str] = mapped_column(String(200), index=True)
     camera: Mapped[str | None] = mapped_column(String(100), nullable=True, index=True)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=lambda: datetime.now(UTC))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=lambda: datetime.now(UTC))
     content_sha256: Mapped[str] = mapped_column(String(64))
     crop_path: Mapped[str] = mapped_column(String(300))  # relative to data_dir, content-addressed
     width: Mapped[int] = mapped_column(Integer)
