@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.schemas import Problem
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,28 @@ def problem(status: int, code: str, detail: str, title: str | None = None, **ext
     }
     headers = {"WWW-Authenticate": "ApiKey"} if status == 401 else None
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+_DESCRIPTIONS = {
+    400: "an empty, truncated or corrupt image",
+    401: "missing or wrong X-API-Key header",
+    404: "no such entry or identity",
+    409: "the loaded weights have no mask generator",
+    413: "a file, an image, the number of files or the request body over its limit",
+    415: "not an image of an allowed format",
+    422: "invalid parameters or form fields",
+    503: "the service is starting, or the database is unreachable",
+    504: "the request took longer than REID_REQUEST_TIMEOUT_S",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` documenting these error statuses as ``application/problem+json``."""
+    schema = Problem.model_json_schema()
+    return {
+        status: {"description": _DESCRIPTIONS[status], "content": {PROBLEM_JSON: {"schema": schema}}}
+        for status in statuses
+    }
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "payload_too_large"}

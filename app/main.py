@@ -15,18 +15,19 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Path, Query, Request, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import WithJsonSchema
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
 from app.db import Entry, make_engine
 from app.embedder import Embedder
-from app.errors import ApiError, install_error_handlers, problem
+from app.errors import ApiError, install_error_handlers, problem, problem_responses
 from app.gallery import Gallery
 from app.images import decode_image, read_upload
 from app.schemas import (
@@ -50,6 +51,13 @@ View = Annotated[
     Literal["mask", "overlay", "hidden"],
     Query(description="mask: the mask as grey; overlay: heat map over the crop; hidden: top 30% hidden"),
 ]
+# Ids are SQL BIGINT and FAISS int64 keys: a larger number is refused (422), not sent to the database.
+EntryId = Annotated[int, Path(ge=1, le=2**63 - 1, description="entry id")]
+# A multipart form has no null: an optional field is absent. Without these FastAPI would document
+# `anyOf [..., null]`, and a client sending the text "null" as that allows would get a 422.
+FORM_TEXT = WithJsonSchema({"type": "string"})
+FORM_CAMERA = WithJsonSchema({"type": "string", "maxLength": 100})
+FORM_THRESHOLD = WithJsonSchema({"type": "number", "minimum": 0})
 NO_WEIGHTS_WARNING = "no trained weights loaded (REID_WEIGHTS unset): matches are meaningless"
 
 
@@ -205,17 +213,22 @@ def _parse_metadata(metadata: str | None) -> dict[str, Any]:
     return value
 
 
-def build_router() -> APIRouter:
-    router = APIRouter()
+UPLOAD_ERRORS = problem_responses(400, 415)
 
-    @router.post("/gallery", status_code=201, response_model=list[EntryOut], tags=["gallery"])
+
+def build_router() -> APIRouter:
+    router = APIRouter(responses=problem_responses(401, 413, 422, 503, 504))
+
+    @router.post("/gallery", status_code=201, response_model=list[EntryOut], responses=UPLOAD_ERRORS, tags=["gallery"])
     async def enroll(
         request: Request,
-        files: Annotated[list[UploadFile], File(description="one or more person crops")],
+        files: Annotated[list[UploadFile], File(min_length=1, description="one or more person crops")],
         identity: Annotated[str, Form(min_length=1, max_length=200, description="identity label", examples=["0001"])],
-        camera: Annotated[str | None, Form(max_length=100, description="camera id", examples=["c1"])] = None,
+        camera: Annotated[
+            str | None, Form(max_length=100, description="camera id", examples=["c1"]), FORM_CAMERA
+        ] = None,
         metadata: Annotated[
-            str | None, Form(description="free metadata, a JSON object", examples=['{"site": "A"}'])
+            str | None, Form(description="free metadata, a JSON object", examples=['{"site": "A"}']), FORM_TEXT
         ] = None,
     ) -> list[EntryOut]:
         """Enroll crops of one identity: each becomes an entry (answered 201)."""
@@ -252,12 +265,14 @@ def build_router() -> APIRouter:
             raise ApiError(404, "entry_not_found", f"no gallery entry with id {entry_id}")
         return entry
 
-    @router.get("/gallery/{entry_id}", response_model=EntryOut, tags=["gallery"])
-    async def get_entry(request: Request, entry_id: int) -> EntryOut:
+    @router.get("/gallery/{entry_id}", response_model=EntryOut, responses=problem_responses(404), tags=["gallery"])
+    async def get_entry(request: Request, entry_id: EntryId) -> EntryOut:
         return _entry_out(await _entry(_ready_state(request), entry_id))
 
-    @router.delete("/gallery/{entry_id}", response_model=DeleteResult, tags=["gallery"])
-    async def delete_entry(request: Request, entry_id: int) -> DeleteResult:
+    @router.delete(
+        "/gallery/{entry_id}", response_model=DeleteResult, responses=problem_responses(404), tags=["gallery"]
+    )
+    async def delete_entry(request: Request, entry_id: EntryId) -> DeleteResult:
         state = _ready_state(request)
         await _entry(state, entry_id)
         assert state.gallery is not None
@@ -272,7 +287,9 @@ def build_router() -> APIRouter:
         rows = await run_in_threadpool(state.gallery.identities)
         return [IdentityOut(identity=i, entries=n) for i, n in rows]
 
-    @router.delete("/identities/{identity}", response_model=DeleteResult, tags=["identities"])
+    @router.delete(
+        "/identities/{identity}", response_model=DeleteResult, responses=problem_responses(404), tags=["identities"]
+    )
     async def delete_identity(request: Request, identity: str) -> DeleteResult:
         state = _ready_state(request)
         assert state.gallery is not None
@@ -283,17 +300,19 @@ def build_router() -> APIRouter:
         state.size.set(len(state.gallery))
         return DeleteResult(deleted=len(ids))
 
-    @router.post("/query", response_model=QueryResponse, tags=["query"])
+    @router.post("/query", response_model=QueryResponse, responses=problem_responses(400, 409, 415), tags=["query"])
     async def query(
         request: Request,
-        file: Annotated[list[UploadFile], File(description="one or more query crops, answered in order")],
+        file: Annotated[list[UploadFile], File(min_length=1, description="one or more query crops, answered in order")],
         top_k: Annotated[int, Form(ge=1, le=1000, description="matches per query", examples=[10])] = 10,
-        camera: Annotated[str | None, Form(max_length=100, description="camera filter", examples=["c1"])] = None,
+        camera: Annotated[
+            str | None, Form(max_length=100, description="camera filter", examples=["c1"]), FORM_CAMERA
+        ] = None,
         exclude_camera: Annotated[
             bool, Form(description="true: drop entries of `camera` (as in evaluation); false: keep only them")
         ] = True,
         threshold: Annotated[
-            float | None, Form(ge=0, description="L2 distance over which no match", examples=[5.0])
+            float | None, Form(ge=0, description="L2 distance over which no match", examples=[5.0]), FORM_THRESHOLD
         ] = None,
         include_mask: Annotated[bool, Form(description="also return the query's attention mask")] = False,
     ) -> QueryResponse:
@@ -322,9 +341,9 @@ def build_router() -> APIRouter:
             )
         return QueryResponse(results=results)
 
-    @router.post("/embed", response_model=EmbedResponse, tags=["embed"])
+    @router.post("/embed", response_model=EmbedResponse, responses=UPLOAD_ERRORS, tags=["embed"])
     async def embed(
-        request: Request, files: Annotated[list[UploadFile], File(description="crops to embed")]
+        request: Request, files: Annotated[list[UploadFile], File(min_length=1, description="crops to embed")]
     ) -> EmbedResponse:
         """The templates of uploaded crops, for integrators who keep their own store."""
         state = _ready_state(request)
@@ -344,8 +363,8 @@ def build_router() -> APIRouter:
 
     png = {200: {"content": {"image/png": {}}, "description": "PNG at the crop's size"}}
 
-    @router.get("/mask/{entry_id}", response_class=Response, responses=png, tags=["mask"])
-    async def mask_of_entry(request: Request, entry_id: int, view: View = "mask") -> Response:
+    @router.get("/mask/{entry_id}", response_class=Response, responses=png | problem_responses(404, 409), tags=["mask"])
+    async def mask_of_entry(request: Request, entry_id: EntryId, view: View = "mask") -> Response:
         state = _ready_state(request)
         entry = await _entry(state, entry_id)
         assert state.embedder is not None and state.gallery is not None
@@ -357,7 +376,7 @@ def build_router() -> APIRouter:
         body = await run_in_threadpool(render_mask, image, mask, view, state.embedder.config.mask_ratio)
         return Response(body, media_type="image/png")
 
-    @router.post("/mask", response_class=Response, responses=png, tags=["mask"])
+    @router.post("/mask", response_class=Response, responses=png | problem_responses(400, 409, 415), tags=["mask"])
     async def mask_of_upload(
         request: Request, file: Annotated[UploadFile, File(description="a crop")], view: View = "mask"
     ) -> Response:
@@ -376,7 +395,7 @@ def build_router() -> APIRouter:
 def build_ops_router() -> APIRouter:
     router = APIRouter(tags=["operations"])
 
-    @router.get("/health", response_model=Health)
+    @router.get("/health", response_model=Health, responses=problem_responses(413, 504))
     async def health(request: Request) -> Health:
         state = _state(request)
         e, s = state.embedder, state.settings
@@ -394,7 +413,7 @@ def build_ops_router() -> APIRouter:
             gallery_size=len(state.gallery) if state.gallery else 0,
         )
 
-    @router.get("/ready", response_model=Ready, responses={503: {"description": "not ready"}})
+    @router.get("/ready", response_model=Ready, responses=problem_responses(401, 413, 503, 504))
     async def ready(request: Request) -> Any:
         state = _state(request)
         ok = state.ready and state.gallery is not None and await run_in_threadpool(state.gallery.consistent)
@@ -402,7 +421,7 @@ def build_ops_router() -> APIRouter:
             return problem(503, "not_ready", "model not warmed up or index not matching the database yet")
         return Ready(ready=True)
 
-    @router.get("/metrics", response_class=Response)
+    @router.get("/metrics", response_class=Response, responses=problem_responses(401, 413, 504))
     async def metrics(request: Request) -> Response:
         state = _state(request)
         return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)

@@ -88,3 +88,14 @@ class Health(BaseModel):
 
 class Ready(BaseModel):
     ready: bool = Field(description="true when serving", examples=[True])
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, the body of every 4xx/5xx answer (``application/problem+json``)."""
+
+    type: str = Field(description="URI naming the problem", examples=["https://reid.example/problems/entry_not_found"])
+    title: str = Field(description="short summary of the problem", examples=["entry not found"])
+    status: int = Field(description="the HTTP status", examples=[404])
+    detail: str = Field(description="what was wrong and what is allowed", examples=["no gallery entry with id 7"])
+    code: str = Field(description="stable machine-readable code", examples=["entry_not_found"])
+    errors: list[dict[str, Any]] | None = Field(None, description="validation errors (422 only): loc, msg, type")
