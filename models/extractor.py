@@ -73,6 +73,14 @@ class FeatureExtractor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def trunk_blocks(self) -> list[nn.Module]:
+        """The trunk's blocks in input order: for ResNets the stem (conv1 + bn1) then layer1..layer4,
+        for MobileNetV2 its 19 ``features`` blocks. Training may freeze a leading run of them."""
+        t = self.trunk
+        if self.config.backbone == "mobilenet_v2":
+            return list(t.features)
+        return [nn.ModuleList([t.conv1, t.bn1]), t.layer1, t.layer2, t.layer3, t.layer4]
+
     def load_imagenet(self, source: str | Path) -> None:
         """Load ImageNet weights into the trunk from a local file, or from torchvision's hub
         when ``source == "download"`` (the only way this package ever downloads anything).

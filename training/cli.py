@@ -91,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--p", type=int, default=_DEFAULTS.p, help="identities per batch")
     fit.add_argument("--k", type=int, default=_DEFAULTS.k, help="images per identity")
     fit.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="Adam lr of the extractor")
+    fit.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=_DEFAULTS.warmup_epochs,
+        help="linear lr warm-up (from lr/10) over stage 1's first epochs; 0 = none (the paper's)",
+    )
+    fit.add_argument(
+        "--freeze-blocks",
+        type=int,
+        default=_DEFAULTS.freeze_blocks,
+        help="leading trunk blocks kept at their ImageNet weights (ResNet: stem, layer1..4; MobileNetV2: 19 blocks)",
+    )
     fit.add_argument("--mask-lr", type=float, default=_DEFAULTS.mask_lr, help="Adam lr of the mask generator")
     fit.add_argument("--margin", type=float, default=_DEFAULTS.margin, help="triplet margin")
     fit.add_argument("--soft-margin", action="store_true", help="soft-margin triplet loss")
@@ -138,6 +150,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         p=args.p,
         k=args.k,
         lr=args.lr,
+        warmup_epochs=args.warmup_epochs,
+        freeze_blocks=args.freeze_blocks,
         mask_lr=args.mask_lr,
         margin=args.margin,
         soft_margin=args.soft_margin,

@@ -30,6 +30,8 @@ class TrainConfig:
     p: int = 20  # identities per batch
     k: int = 3  # images per identity (P x K = 60)
     lr: float = 2e-4  # Adam, extractor
+    warmup_epochs: int = 0  # linear lr warm-up of the extractor (from lr/10) over stage 1's first epochs; 0 = none
+    freeze_blocks: int = 0  # leading trunk blocks kept at their ImageNet weights and BN statistics; 0 = none
     mask_lr: float = 1e-3  # Adam defaults, mask generator
     margin: float = 0.3  # triplet margin
     soft_margin: bool = False  # softplus instead of the hinge
@@ -55,6 +57,10 @@ class TrainConfig:
             or list(self.stages) != sorted(set(self.stages))
         ):
             raise ValueError(f"stages must be an increasing list drawn from 1, 2, 3, got {self.stages}")
+        if self.warmup_epochs < 0 or self.freeze_blocks < 0:
+            raise ValueError(
+                f"warmup_epochs and freeze_blocks must be >= 0, got {self.warmup_epochs}, {self.freeze_blocks}"
+            )
         if self.amp not in AMP_MODES:
             raise ValueError(f"unknown amp mode {self.amp!r}; choose {', '.join(AMP_MODES)}")
         if self.p < 2 or self.k < 2:

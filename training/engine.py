@@ -66,6 +66,11 @@ def build_networks(config: TrainConfig, device: torch.device) -> Networks:
 
     model_config = config.model_config()
     extractor = build_extractor(model_config, pretrained=config.pretrained).to(device)
+    if config.freeze_blocks > len(extractor.trunk_blocks()):
+        raise ValueError(
+            f"freeze_blocks={config.freeze_blocks}, but a {config.backbone} trunk has "
+            f"{len(extractor.trunk_blocks())} blocks"
+        )
     mask_generator = build_mask_generator(model_config).to(device)
     if config.channels_last:
         extractor.to(memory_format=torch.channels_last)
@@ -110,14 +115,32 @@ def _step(opt: torch.optim.Optimizer, nets: Networks) -> None:
         opt.step()
 
 
-def set_stage_modes(stage: int, nets: Networks) -> None:
-    """Train/eval modes and requires_grad for a stage: in stage 2 the extractor is frozen in eval mode."""
+def set_stage_modes(stage: int, nets: Networks, freeze_blocks: int = 0) -> None:
+    """Train/eval modes and requires_grad for a stage: in stage 2 the extractor is frozen in eval mode.
+    The first ``freeze_blocks`` trunk blocks stay frozen, BN statistics included, in every stage."""
     nets.extractor.train(stage in (1, 3))
     nets.mask_generator.train(stage in (2, 3))
     for p in nets.extractor.parameters():
         p.requires_grad_(stage in (1, 3))
     for p in nets.mask_generator.parameters():
         p.requires_grad_(stage in (2, 3))
+    for block in _unwrap(nets.extractor).trunk_blocks()[:freeze_blocks]:
+        block.eval()
+        for p in block.parameters():
+            p.requires_grad_(False)
+
+
+def _unwrap(module: nn.Module) -> Any:
+    return getattr(module, "module", module)  # DistributedDataParallel keeps the network in .module
+
+
+def warmup_factor(config: TrainConfig, stage: int, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The extractor's lr multiplier: linear from 0.1 to 1 over stage 1's first ``warmup_epochs`` epochs
+    (per step, as fast-reid and torchreid warm up), 1 afterwards and in the other stages."""
+    if stage != 1 or config.warmup_epochs == 0:
+        return 1.0
+    progress = (epoch * steps_per_epoch + step) / (config.warmup_epochs * max(steps_per_epoch, 1))
+    return 0.1 + 0.9 * min(progress, 1.0)
 
 
 def training_step(
@@ -171,12 +194,17 @@ def train_one_epoch(
     config: TrainConfig,
     device: torch.device,
     progress: Callable[[Iterable], Iterable] | None = None,
+    epoch: int = 0,
 ) -> dict[str, float]:
-    """One epoch of ``stage``; returns the mean of each loss over the batches."""
-    set_stage_modes(stage, nets)
+    """One epoch of ``stage`` (``epoch`` counts this stage's epochs done before it, for the warm-up);
+    returns the mean of each loss over the batches."""
+    set_stage_modes(stage, nets, config.freeze_blocks)
+    steps = len(loader) if hasattr(loader, "__len__") else 1
     sums: dict[str, float] = {}
     count = 0
     for images, pids, _camids, _index in progress(loader) if progress else loader:
+        for group in nets.opt_extractor.param_groups:
+            group["lr"] = config.lr * warmup_factor(config, stage, epoch, count, steps)
         images, pids = images.to(device, non_blocking=True), pids.to(device, non_blocking=True)
         if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -221,15 +249,14 @@ def evaluate(
 
 
 def checkpoint_state(nets: Networks, config: TrainConfig, state: RunState) -> dict[str, Any]:
-    unwrap = lambda m: getattr(m, "module", m)  # noqa: E731
     return {
         "config": config.to_dict(),
         "stage": state.stage,
         "epoch": state.epoch,
         "best_map": state.best_map,
         "history": state.history,
-        "extractor": unwrap(nets.extractor).state_dict(),
-        "mask_generator": unwrap(nets.mask_generator).state_dict(),
+        "extractor": _unwrap(nets.extractor).state_dict(),
+        "mask_generator": _unwrap(nets.mask_generator).state_dict(),
         "opt_extractor": nets.opt_extractor.state_dict(),
         "opt_mask": nets.opt_mask.state_dict(),
         "scaler": nets.scaler.state_dict() if nets.scaler else None,
@@ -287,7 +314,7 @@ def run_stage(
         epoch = state.epoch
         if loaders.sampler is not None and hasattr(loaders.sampler, "set_epoch"):
             loaders.sampler.set_epoch(sum(config.epochs[: stage - 1]) + epoch)
-        losses = train_one_epoch(stage, loaders.train, nets, config, device, progress)
+        losses = train_one_epoch(stage, loaders.train, nets, config, device, progress, epoch)
         state.epoch += 1
         row: dict[str, Any] = {"stage": stage, "epoch": state.epoch, **losses}
         due = config.eval_every > 0 and state.epoch % config.eval_every == 0

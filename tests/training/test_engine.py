@@ -222,3 +222,47 @@ def test_stage3_mask_loss_forward_leaves_the_extractors_bn_statistics() -> None:
     expected = dict(ext_copy.named_buffers())
     for name, value in nets.extractor.named_buffers():
         assert torch.allclose(value, expected[name]), name
+
+
+def test_frozen_trunk_blocks_keep_weights_and_bn_statistics_in_stages_1_and_3() -> None:
+    config = TrainConfig(**SMALL, freeze_blocks=2)  # ResNet-18: the stem and layer1
+    nets = build_networks(config, torch.device("cpu"))
+    images, pids = _batch(config)
+    frozen = nets.extractor.trunk_blocks()[:2]
+    trained = nets.extractor.trunk_blocks()[2]
+    before = [copy.deepcopy(b.state_dict()) for b in (*frozen, trained)]
+    for stage in (1, 3):
+        set_stage_modes(stage, nets, config.freeze_blocks)
+        training_step(stage, images, pids, nets, config, torch.device("cpu"))
+    for block, state in zip(frozen, before, strict=False):
+        assert not any(m.training for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        for name, value in block.state_dict().items():
+            assert torch.equal(value, state[name]), name
+    assert any(not torch.equal(v, before[2][k]) for k, v in trained.state_dict().items())
+
+
+def test_freeze_blocks_beyond_the_trunk_is_refused() -> None:
+    with pytest.raises(ValueError, match="resnet18 trunk has 5 blocks"):
+        build_networks(TrainConfig(**SMALL, freeze_blocks=6), torch.device("cpu"))
+
+
+def test_warmup_rises_linearly_from_a_tenth_over_stage_1_only() -> None:
+    from training.engine import warmup_factor
+
+    config = TrainConfig(**SMALL, warmup_epochs=2)
+    assert warmup_factor(config, 1, 0, 0, 10) == pytest.approx(0.1)
+    assert warmup_factor(config, 1, 1, 0, 10) == pytest.approx(0.55)  # half way through the 20 warm-up steps
+    assert warmup_factor(config, 1, 2, 0, 10) == 1.0
+    assert warmup_factor(config, 3, 0, 0, 10) == 1.0
+    assert warmup_factor(TrainConfig(**SMALL), 1, 0, 0, 10) == 1.0
+
+
+def test_train_one_epoch_applies_the_warmup_to_the_extractor_lr() -> None:
+    from training.engine import train_one_epoch
+
+    config = TrainConfig(**SMALL, warmup_epochs=1, lr=1e-3)
+    nets = build_networks(config, torch.device("cpu"))
+    images, pids = _batch(config)
+    batches = [(images, pids, torch.zeros_like(pids), pids)] * 2
+    train_one_epoch(1, batches, nets, config, torch.device("cpu"))
+    assert nets.opt_extractor.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.55)  # the last of 2 steps
