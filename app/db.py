@@ -30,8 +30,10 @@ class Base(DeclarativeBase):
 
 class Entry(Base):
     __tablename__ = "reid_entries"
+    # SQLite hands the largest deleted id to the next row unless the table is AUTOINCREMENT.
+    __table_args__ = ({"sqlite_autoincrement": True},)
 
-    # Also the FAISS id: SQLite's INTEGER PRIMARY KEY / PostgreSQL's identity, never reused ids.
+    # Also the FAISS id: SQLite's INTEGER PRIMARY KEY AUTOINCREMENT / PostgreSQL's identity, never reused ids.
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     identity: Mapped[str] = mapped_column(String(200), index=True)
     camera: Mapped[str | None] = mapped_column(String(100), nullable=True, index=True)
