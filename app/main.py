@@ -23,6 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import WithJsonSchema
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
 from app.db import Entry, make_engine
@@ -429,6 +431,32 @@ def build_ops_router() -> APIRouter:
     return router
 
 
+class BodyLimit:
+    """Counts the request body as it streams in and refuses it (413) once past ``limit`` bytes: a body sent
+    without Content-Length (chunked) would otherwise be spooled to disk whole before any upload check."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                # An HTTPException is what FastAPI lets out of its body parsing, to the 413 problem handler.
+                raise StarletteHTTPException(413, f"the request body is over the {self.limit}-byte limit")
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     logging.getLogger("app").setLevel(settings.log_level.upper())
@@ -483,6 +511,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(build_router(), dependencies=[Depends(require_key)])
     ops = build_ops_router()
     app.include_router(ops)
+    body_limit = settings.max_upload_bytes * settings.max_files_per_request + 1024 * 1024
+    app.add_middleware(BodyLimit, limit=body_limit)
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
@@ -492,9 +522,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
                 return problem(401, "unauthorized", "missing or wrong X-API-Key header")
         length = request.headers.get("content-length")
-        limit = settings.max_upload_bytes * settings.max_files_per_request + 1024 * 1024
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return problem(413, "request_too_large", f"the request body is over the {limit}-byte limit")
+        if length is not None and (not length.isdigit() or int(length) > body_limit):
+            return problem(413, "request_too_large", f"the request body is over the {body_limit}-byte limit")
         start = time.perf_counter()
         try:
             response = await asyncio.wait_for(call_next(request), settings.request_timeout_s)
