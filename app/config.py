@@ -22,7 +22,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite under data_dir")
     index_factory: str = Field("Flat", description="FAISS index_factory string, e.g. Flat, IVF1024,Flat, HNSW32")
-    api_key: str | None = Field(None, description="when set, every route but /health needs X-API-Key")
+    api_key: str | None = Field(None, description="when set, every route but /health needs X-API-Key", repr=False)
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(4096 * 4096, ge=1)
     max_files_per_request: int = Field(64, ge=1)

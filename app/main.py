@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Path, Query, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, Path, Query, Request, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from PIL import Image
@@ -501,14 +501,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.reid = state
     install_error_handlers(app)
 
-    async def require_key(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        given = request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-            raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header")
-
-    app.include_router(build_router(), dependencies=[Depends(require_key)])
+    app.include_router(build_router())
     ops = build_ops_router()
     app.include_router(ops)
     body_limit = settings.max_upload_bytes * settings.max_files_per_request + 1024 * 1024
@@ -517,7 +510,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
         route = request.url.path
-        if settings.api_key is not None and route in ("/ready", "/metrics"):
+        if settings.api_key is not None and route != "/health":  # the docs and the schema too
             given = request.headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
                 return problem(401, "unauthorized", "missing or wrong X-API-Key header")
