@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,9 +315,11 @@ def run_stage(
         epoch = state.epoch
         if loaders.sampler is not None and hasattr(loaders.sampler, "set_epoch"):
             loaders.sampler.set_epoch(sum(config.epochs[: stage - 1]) + epoch)
+        started = time.perf_counter()
         losses = train_one_epoch(stage, loaders.train, nets, config, device, progress, epoch)
         state.epoch += 1
         row: dict[str, Any] = {"stage": stage, "epoch": state.epoch, **losses}
+        row["epoch_seconds"] = time.perf_counter() - started  # training only, evaluation excluded
         due = config.eval_every > 0 and state.epoch % config.eval_every == 0
         if (due or state.epoch == total) and is_main:
             row.update(evaluate(nets.extractor, loaders.query, loaders.gallery, device, config.flip_eval))
