@@ -51,7 +51,16 @@ def make_engine(url: str, connect_timeout_s: int = 5) -> Engine:
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": connect_timeout_s}
     elif url.startswith("postgresql"):
-        kwargs["connect_args"] = {"connect_timeout": connect_timeout_s}
+        # A server that vanishes without closing the connection (a network partition) would leave a query
+        # waiting for ever: keepalives find an idle dead peer, tcp_user_timeout one that stopped acknowledging.
+        kwargs["connect_args"] = {
+            "connect_timeout": connect_timeout_s,
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "tcp_user_timeout": connect_timeout_s * 1000,  # ms
+        }
         kwargs["pool_timeout"] = connect_timeout_s
     return create_engine(url, **kwargs)
 
