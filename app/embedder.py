@@ -7,6 +7,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,7 @@ class Embedder:
     trained: bool
     batch_max_size: int = 32
     batch_max_wait_ms: float = 5.0
-    inference_seconds: list[float] = field(default_factory=list)
+    inference_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=256))  # the latest passes
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _queue: asyncio.Queue | None = None
     _task: asyncio.Task | None = None

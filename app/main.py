@@ -60,6 +60,8 @@ EntryId = Annotated[int, Path(ge=1, le=2**63 - 1, description="entry id")]
 FORM_TEXT = WithJsonSchema({"type": "string"})
 FORM_CAMERA = WithJsonSchema({"type": "string", "maxLength": 100})
 FORM_THRESHOLD = WithJsonSchema({"type": "number", "minimum": 0})
+# Metric labels: a label set lives for ever, so invented methods are one "other", unknown paths "unmatched".
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 NO_WEIGHTS_WARNING = "no trained weights loaded (REID_WEIGHTS unset): matches are meaningless"
 
 
@@ -528,7 +530,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             response = problem(500, "internal_error", "an unexpected error occurred; it has been logged")
         matched = request.scope.get("route")
         name = getattr(matched, "path", "unmatched")
-        state.requests.labels(request.method, name, str(response.status_code)).inc()
+        method = request.method if request.method in HTTP_METHODS else "other"
+        state.requests.labels(method, name, str(response.status_code)).inc()
         state.latency.labels(name).observe(time.perf_counter() - start)
         return response
 
