@@ -5,12 +5,7 @@ find the entries. Loopback only."""
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select
 
@@ -27,64 +21,10 @@ from app.db import Entry
 from app.index import VectorIndex
 from app.main import create_app
 from tests.app.conftest import SMALL, png_bytes
-from tests.conftest import REPO_ROOT
+from tests.app.server import Server
 
 KILLS = 4
 CLIENTS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``uvicorn app.main:app`` on 127.0.0.1, configured through REID_* variables as in production."""
-
-    def __init__(self, data_dir: Path, weights: Path, log: Path) -> None:
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("REID_")}
-        self.env.update(
-            REID_DATA_DIR=str(data_dir),
-            REID_WEIGHTS=str(weights),
-            REID_DEVICE="cpu",
-            REID_BATCH_MAX_WAIT_MS="1",
-            REID_LOG_LEVEL="WARNING",
-            OMP_NUM_THREADS="1",
-        )
-        self.log = log
-        self.process: subprocess.Popen | None = None
-        self.url = ""
-
-    def start(self) -> None:
-        port = _free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
-        with self.log.open("a") as log:
-            self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=log)
-        for _ in range(1200):  # up to ~2 minutes for torch to import on a busy machine
-            if self.process.poll() is not None:
-                pytest.fail(f"the service exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"the service did not become ready:\n{self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 @dataclass

@@ -21,15 +21,10 @@ from sqlalchemy.engine import make_url
 from app.config import Settings
 from app.main import create_app
 from tests.app.conftest import _postgres_schema_url, png_bytes
+from tests.app.server import free_port
 
 # Far above the 1 s connect timeout used here: reaching it means the request hung.
 HANG_GUARD_S = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TcpProxy:
@@ -39,7 +34,7 @@ class TcpProxy:
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
-        self.port = _free_port()
+        self.port = free_port()
         self.lock = threading.Lock()
         self.sockets: list[socket.socket] = []
         self.running: threading.Event | None = None
@@ -190,7 +185,7 @@ def test_postgres_down_at_start_up_then_back(settings: Settings, proxied_postgre
 def serving(app: FastAPI) -> Iterator[str]:
     """``app`` behind a real uvicorn server in a thread on 127.0.0.1; its base URL. (A TestClient answers only
     once the app has returned, so it cannot show a 504 sent while the work is still going on.)"""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
