@@ -87,7 +87,6 @@ def machine() -> dict[str, str]:
     else:
         gpu = "none (no CUDA)"
     mhz = _cpuinfo("cpu MHz")
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return {
         "cpu": f"{_cpuinfo('model name') or platform.processor() or platform.machine()}"
         + (f" @ {float(mhz) / 1000:.2f} GHz" if mhz else ""),
@@ -99,8 +98,16 @@ def machine() -> dict[str, str]:
             f"faiss {_version('faiss')}, onnxruntime {_version('onnxruntime')}"
         ),
         "os": platform.platform(),
-        "load average (1/5/15 min) at start": load,
+        "load average (1, 5, 15 min) at start / end": f"{_LOAD_AT_START or 'n/a'} / {_load_average()}",
     }
+
+
+def _load_average() -> str:
+    """The run queue's length averaged over 1, 5 and 15 minutes: above the core count, the run shared them."""
+    return ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+_LOAD_AT_START: str | None = None  # set by setup()
 
 
 def cpu_peak_gflops() -> float | None:
@@ -330,13 +337,20 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-append", action="store_true", help="print the tables only; append nothing")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's, usually the core count)"
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads of torch (and of FAISS, ONNX Runtime and the servers where they run; default: "
+        "each library's own, usually the core count)",
     )
 
 
 def setup(args: Any) -> Path | None:
     """Logging, threads and allocator settings every script starts with; returns where to append (or None)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs each instruction set it tries
+    global _LOAD_AT_START
+    _LOAD_AT_START = _load_average()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     return None if args.no_append else args.results

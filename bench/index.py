@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     results = setup(args)
+    if args.threads is not None:
+        faiss.omp_set_num_threads(args.threads)
     started = time.time()
     search = Table(
         "FAISS search (app.index.VectorIndex)",
@@ -255,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         del data
         gc.collect()
     search.notes += [
-        f"{args.queries} queries at once (FAISS's threads) and {args.single_queries} one at a time as the service "
-        f"searches; k={args.k}; medians of {args.repeats} rounds, the indexes taking turns in each. "
-        "x flat: median over rounds of flat's time / this index's (> 1 is faster).",
+        f"{args.queries} queries at once (FAISS threads: {faiss.omp_get_max_threads()}) and {args.single_queries} "
+        f"one at a time as the service searches; k={args.k}; medians of {args.repeats} rounds, the indexes "
+        "taking turns in each. x flat: median over rounds of flat's time / this index's (> 1 is faster).",
         "build: add() including IVF training, on all the vectors at once; build peak RSS: the process's peak "
         "resident set during it above the set before; index MiB: faiss.serialize_index size (the index file).",
         f"Synthetic clustered templates, {args.per_identity} per identity; recall@{args.k}: share of flat's "

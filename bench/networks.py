@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     common_notes = [
         f"{label} at {height}x{width}: {flops / 2e9:.2f} GMAC per image (torch.utils.flop_counter), "
         f"{params / 1e6:.1f} M parameters; random weights, random inputs already on the device.",
-        "latency: median seconds of one call at that batch; x eager fp32: median over rounds of the reference's "
+        "latency: median time of one call at that batch; x eager fp32: median over rounds of the reference's "
         "time / the variant's, each round running every variant once in turn (> 1 is faster).",
     ]
 
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         else "% of peak: n/a (no clock in /proc/cpuinfo; give --cpu-peak-gflops)",
         "peak memory: the process's peak resident set during one warm call above the set before it (ONNX Runtime: "
         "its session's first run, which grows its arena); set-up + first call includes torch.compile's "
-        "compilation and the ONNX session.",
+        "compilation (from inductor's on-disk cache when an earlier run filled it) and the ONNX session.",
     ]
     with tempfile.TemporaryDirectory(prefix="bench-networks-") as tmp:
         variants = _skip(cpu_variants(args.net, module, config, Path(tmp)), skip)

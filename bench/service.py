@@ -58,7 +58,9 @@ class Server:
     log: Path | None = None
     query: dict[int, list[list[float]]] = field(default_factory=dict)  # clients -> per round, latencies (s)
     query_rate: dict[int, list[float]] = field(default_factory=dict)  # clients -> per round, requests/s
+    query_bare: dict[int, list[float]] = field(default_factory=dict)  # clients -> per round, bare forward (s)
     gallery: dict[int, list[float]] = field(default_factory=dict)  # files per request -> latencies (s)
+    gallery_bare: dict[int, list[float]] = field(default_factory=dict)  # files -> bare forward before each (s)
 
 
 def _free_port() -> int:
@@ -79,6 +81,8 @@ def start_server(server: Server, weights: Path, data_dir: Path, args: argparse.N
         "REID_MAX_FILES_PER_REQUEST": str(max(args.gallery_batches)),
         "REID_LOG_LEVEL": "WARNING",
     }
+    if args.threads is not None:  # the servers' torch threads as the bench process's
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     server.log = data_dir.with_suffix(".log")
     data_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
@@ -163,7 +167,8 @@ def enroll(url: str, images: list[bytes], files_per_request: int, identity: str)
 
 
 class Bare:
-    """The extractor of the same weights file in this process, on already preprocessed tensors."""
+    """The extractor of the same weights file in this process, on already preprocessed tensors; measured right
+    before each service measurement it is compared with, so that both see the same load on the machine."""
 
     def __init__(self, weights: Path, images: list[bytes], device: str) -> None:
         self.device = pick_device(device)  # the service's own choice of device
@@ -171,22 +176,19 @@ class Bare:
         self.extractor = model.extractor
         transform = build_eval_transform(model.config)
         self.tensors = torch.stack([transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
-        self.seconds: dict[int, float] = {}
 
     def forward_seconds(self, batch: int, calls: int) -> float:
-        """Median seconds of one forward pass at ``batch`` (measured once per batch size, then reused)."""
-        if batch not in self.seconds:
-            x = self.tensors[torch.arange(batch) % len(self.tensors)].to(self.device)
+        """Median seconds of one forward pass at ``batch`` over ``calls`` calls (after one untimed)."""
+        x = self.tensors[torch.arange(batch) % len(self.tensors)].to(self.device)
 
-            def call() -> None:
-                with torch.inference_mode():
-                    self.extractor(x)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
+        def call() -> None:
+            with torch.inference_mode():
+                self.extractor(x)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
 
-            call()
-            self.seconds[batch] = median([time_call(call) for _ in range(calls)])
-        return self.seconds[batch]
+        call()
+        return median([time_call(call) for _ in range(calls)])
 
 
 # -- main ------------------------------------------------------------------------------------------------------
@@ -200,11 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="REID_DEVICE of the servers and the bare extractor")
     parser.add_argument("--clients", type=int_list, default=[1, 4, 16, 64], help="concurrent clients of POST /query")
     parser.add_argument(
-        "--requests", type=int, default=48, help="POST /query per round and level (at least 2 per client)"
+        "--requests", type=int, default=32, help="POST /query per round and level (at least 2 per client)"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="rounds; each measures both servers at each level")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds; each measures both servers at each level")
     parser.add_argument("--gallery-batches", type=int_list, default=[1, 8, 32], help="files per POST /gallery request")
-    parser.add_argument("--gallery-requests", type=int, default=3, help="POST /gallery per batch size and server")
+    parser.add_argument("--gallery-requests", type=int, default=2, help="POST /gallery per batch size and server")
     parser.add_argument(
         "--batch-max-size",
         type=int,
@@ -218,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="REID_BATCH_MAX_WAIT_MS of both servers (the service's default, %(default)s)",
     )
     parser.add_argument("--images", type=int, default=48, help="distinct crops sent (cycled)")
-    parser.add_argument("--bare-calls", type=int, default=7, help="bare extractor calls per batch size (median)")
+    parser.add_argument(
+        "--bare-calls", type=int, default=3, help="bare extractor calls before each server's turn (median)"
+    )
     parser.add_argument("--start-timeout-s", type=float, default=300.0, help="seconds to wait for /ready")
     add_common_args(parser)
     return parser
@@ -264,20 +268,18 @@ def _measure(servers: list[Server], images: list[bytes], bare: Bare, args: argpa
         logger.info("POST /gallery with %d files", files)
         for n in range(args.gallery_requests):
             for server in servers:
+                server.gallery_bare.setdefault(files, []).append(bare.forward_seconds(files, 1))
                 server.gallery.setdefault(files, []).append(enroll(server.url, images, files, f"id{files}-{n}"))
     for round_ in range(args.rounds):
         for clients in args.clients:
             requests = max(args.requests, 2 * clients)
             for server in servers:
                 logger.info("round %d: %s, %d clients, %d requests", round_ + 1, server.name, clients, requests)
+                batch = min(clients, server.batch_max_size)
+                server.query_bare.setdefault(clients, []).append(bare.forward_seconds(batch, args.bare_calls))
                 latencies, rate = asyncio.run(_load(server.url, images, clients, requests))
                 server.query.setdefault(clients, []).append(latencies)
                 server.query_rate.setdefault(clients, []).append(rate)
-    for server in servers:  # the bare extractor at each batch size a server could form
-        for clients in args.clients:
-            bare.forward_seconds(min(clients, server.batch_max_size), args.bare_calls)
-    for files in args.gallery_batches:  # a request's files share one forward pass on either server
-        bare.forward_seconds(files, args.bare_calls)
 
 
 def _tables(servers: list[Server], bare: Bare, args: argparse.Namespace, weights: Path) -> list[Table]:
@@ -302,10 +304,9 @@ def _tables(servers: list[Server], bare: Bare, args: argparse.Namespace, weights
     for clients in args.clients:
         for server in servers:
             latencies = [v for round_ in server.query[clients] for v in round_]
-            rate = median(server.query_rate[clients])
+            rates = server.query_rate[clients]
             batch = min(clients, server.batch_max_size)
-            bare_s = bare.forward_seconds(batch, args.bare_calls)
-            gain = paired_ratio(server.query_rate[clients], single.query_rate[clients])
+            bare_rates = [batch / t for t in server.query_bare[clients]]
             query.add(
                 server.name,
                 clients,
@@ -313,12 +314,12 @@ def _tables(servers: list[Server], bare: Bare, args: argparse.Namespace, weights
                 1e3 * percentile(latencies, 50),
                 1e3 * percentile(latencies, 95),
                 1e3 * percentile(latencies, 99),
-                rate,
-                gain,
+                median(rates),
+                paired_ratio(rates, single.query_rate[clients]),
                 batch,
-                1e3 * bare_s,
-                batch / bare_s,
-                batch / bare_s / rate,
+                1e3 * median(server.query_bare[clients]),
+                median(bare_rates),
+                paired_ratio(bare_rates, rates),
             )
     query.notes += [
         f"{args.rounds} rounds; in each, both servers serve each client count in turn. Percentiles pool the rounds' "
@@ -326,9 +327,12 @@ def _tables(servers: list[Server], bare: Bare, args: argparse.Namespace, weights
         "requests/s / the one-by-one server's in the same round (the micro-batching gain).",
         "One 128x64 JPEG crop per request, top_k 10, over a gallery of the few crops enrolled below (search cost: "
         "see bench.index). bare: the extractor's forward pass in the bench process on preprocessed tensors at the "
-        "largest batch the server could form (min(clients, REID_BATCH_MAX_SIZE)); overhead 1 = none.",
+        "largest batch the server could form (min(clients, REID_BATCH_MAX_SIZE)), median of "
+        f"{args.bare_calls} calls just before the server's turn; overhead: median over rounds of bare images/s / "
+        "requests/s (1 = none).",
         f"Weights: {weights.name if args.weights else f'random {args.backbone} (models.save_weights)'}; "
-        f"REID_BATCH_MAX_WAIT_MS={args.batch_max_wait_ms}; device {bare.device}.",
+        f"REID_BATCH_MAX_WAIT_MS={args.batch_max_wait_ms}; device {bare.device}; torch threads "
+        f"{torch.get_num_threads()} in the servers and the bench process.",
     ]
     gallery = Table(
         "POST /gallery (one client, sequential)",
@@ -336,15 +340,22 @@ def _tables(servers: list[Server], bare: Bare, args: argparse.Namespace, weights
     )
     for files in args.gallery_batches:
         for server in servers:
-            p50 = percentile(server.gallery[files], 50)
-            bare_s = bare.forward_seconds(files, args.bare_calls)
+            seconds, bare_s = server.gallery[files], server.gallery_bare[files]
+            p50 = percentile(seconds, 50)
             gallery.add(
-                server.name, files, len(server.gallery[files]), 1e3 * p50, files / p50, 1e3 * bare_s, p50 / bare_s
+                server.name,
+                files,
+                len(seconds),
+                1e3 * p50,
+                files / p50,
+                1e3 * median(bare_s),
+                paired_ratio(seconds, bare_s),
             )
     gallery.notes.append(
         "Each request embeds its files in one forward pass (on either server: REID_BATCH_MAX_SIZE bounds the "
         "batching across requests, not within one), stores the crops as PNG, commits to SQLite and saves "
-        "the index file (fsync); bare: the forward pass alone at that batch."
+        "the index file (fsync); bare: the forward pass alone at that batch, just before each request; overhead: "
+        "the median of request time / bare time."
     )
     return [query, gallery]
 
