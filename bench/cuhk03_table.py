@@ -382,26 +382,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-ids", type=int, default=0, help="train on the first N identities only (0 = all)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--render-only", action="store_true", help="rewrite --results from OUT/results.json")
+    parser.add_argument(
+        "--finish", action="store_true", help="from OUT/results.json of a stopped run: export, check, figure, table"
+    )
     return parser
+
+
+def finish(results: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Export the best run's final weights, check them in the service, draw figure 1; updates ``results``."""
+    base = TrainConfig.from_dict(results["config"])
+    seeds = results["seeds"]
+    best_seed, best_row = max(
+        ((s, row) for s in seeds for row in ("triplet", "masks")), key=lambda x: seeds[x[0]][x[1]]["figures"]["mAP"]
+    )
+    extractor, mask_generator, provenance = networks_from_run(Path(seeds[best_seed][best_row]["run"]), "last")
+    provenance["evaluation"] = seeds[best_seed][best_row]["figures"]
+    weights = export_weights((extractor, mask_generator), out / "best.safetensors", provenance)
+    results["service_check"] = service_check(weights, base)
+    best_masks = max(seeds, key=lambda s: seeds[s]["masks"]["figures"]["mAP"])
+    mask_figure(Path(seeds[best_masks]["masks"]["run"]), base, out / "figure1.png")
+    # Runs written before "started" was recorded: the first run folder's config.json is seconds after the start.
+    started = results.get("started") or min(p.stat().st_mtime for p in out.glob("seed*/*/config.json"))
+    results["wall_minutes"] = (time.time() - started) / 60
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    if args.render_only:
-        results = json.loads((Path(args.out) / "results.json").read_text())
-        Path(args.results).write_text(render(results))
+    out = Path(args.out)
+    if args.finish:
+        if not (out / "results.json").is_file():
+            raise FileNotFoundError(f"--finish needs {out / 'results.json'} from an earlier run")
+        results = finish(json.loads((out / "results.json").read_text()), out)
+        if args.results:
+            Path(args.results).write_text(render(results))
         return results
-    started = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
     for path, what in ((args.root, "data set root"), (args.pretrained, "ImageNet weights file")):
         if not Path(path).exists():
             raise FileNotFoundError(f"{what} {path} does not exist")
     h, w = (int(v) for v in args.input_size.lower().split("x"))
-    e1, e2, e3 = (int(v) for v in args.epochs.split(","))
-    budget = Budget(e1, e2, e3)
-    out = Path(args.out)
+    budget = Budget(*(int(v) for v in args.epochs.split(",")))
     out.mkdir(parents=True, exist_ok=True)
     base = TrainConfig(
         dataset="folder",
@@ -422,6 +445,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     base, loaders = build_table_loaders(base, args.train_ids)
     results: dict[str, Any] = {
         "args": " ".join(argv if argv is not None else sys.argv[1:]),
+        "started": time.time(),
         "config": base.to_dict(),
         "budget": dataclasses.asdict(budget),
         "machine": _machine(),
@@ -431,21 +455,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     }
     logger.info("floor (ImageNet features): %s", results["floor"])
     for seed in (int(s) for s in args.seeds.split(",")):
-        results["seeds"][seed] = train_seed(base, budget, loaders, out, seed)
-        logger.info("seed %d: %s", seed, json.dumps(results["seeds"][seed]))
+        # Saved after each seed: a run stopped between seeds is completed with --finish.
+        results["seeds"][str(seed)] = train_seed(base, budget, loaders, out, seed)
+        logger.info("seed %d: %s", seed, json.dumps(results["seeds"][str(seed)]))
         (out / "results.json").write_text(json.dumps(results, indent=2))
-    seeds = results["seeds"]
-    best_seed, best_row = max(
-        ((s, row) for s in seeds for row in ("triplet", "masks")), key=lambda x: seeds[x[0]][x[1]]["figures"]["mAP"]
-    )
-    extractor, mask_generator, provenance = networks_from_run(Path(seeds[best_seed][best_row]["run"]), "last")
-    provenance["evaluation"] = seeds[best_seed][best_row]["figures"]
-    weights = export_weights((extractor, mask_generator), out / "best.safetensors", provenance)
-    results["service_check"] = service_check(weights, base)
-    best_masks = max(seeds, key=lambda s: seeds[s]["masks"]["figures"]["mAP"])
-    mask_figure(Path(seeds[best_masks]["masks"]["run"]), base, out / "figure1.png")
-    results["wall_minutes"] = (time.time() - started) / 60
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    results = finish(results, out)
     if args.results:
         Path(args.results).write_text(render(results))
     return results
