@@ -111,12 +111,13 @@ _LOAD_AT_START: str | None = None  # set by setup()
 
 
 def cpu_peak_gflops() -> float | None:
-    """Estimated FP32 peak of the usable cores: cores x nominal clock x 32 FLOP/cycle (an estimate: the clock
-    /proc/cpuinfo reports under a hypervisor is nominal and boost clocks are higher)."""
+    """Estimated FP32 peak of the cores torch's threads can use: min(threads, cores) x nominal clock x 32
+    FLOP/cycle. An estimate: under a hypervisor /proc/cpuinfo gives the nominal clock, and cores that boost above
+    it can pass this "peak"."""
     mhz = _cpuinfo("cpu MHz")
     if mhz is None:
         return None
-    return cpu_cores() * float(mhz) / 1000 * CPU_FP32_FLOP_PER_CYCLE
+    return min(torch.get_num_threads(), cpu_cores()) * float(mhz) / 1000 * CPU_FP32_FLOP_PER_CYCLE
 
 
 def conv_uses_tf32() -> bool:

@@ -31,6 +31,7 @@ from bench.common import (
     Table,
     add_common_args,
     conv_uses_tf32,
+    cpu_cores,
     cpu_peak_gflops,
     gpu_peak_tflops,
     int_list,
@@ -422,11 +423,18 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu_peak = args.cpu_peak_gflops * 1e9 if args.cpu_peak_gflops else (cpu_peak_gflops() or 0) * 1e9 or None
     cpu_table = Table(f"{label}, CPU", _columns("G"), notes=list(common_notes))
+    used = min(torch.get_num_threads(), cpu_cores())
+    if args.cpu_peak_gflops:
+        peak_note = f"% of peak: against the given {cpu_peak / 1e9:.0f} GFLOP/s"
+    elif cpu_peak:
+        peak_note = (
+            f"% of peak: against {cpu_peak / 1e9:.0f} GFLOP/s FP32, an estimate for {used} core(s): nominal clock x "
+            "32 FLOP/cycle; cores boosting above the nominal clock can pass it"
+        )
+    else:
+        peak_note = "% of peak: n/a (no clock in /proc/cpuinfo; give --cpu-peak-gflops)"
     cpu_table.notes += [
-        f"% of peak: against {cpu_peak / 1e9:.0f} GFLOP/s FP32"
-        + (" (given)" if args.cpu_peak_gflops else ", an estimate: cores x nominal clock x 32 FLOP/cycle")
-        if cpu_peak
-        else "% of peak: n/a (no clock in /proc/cpuinfo; give --cpu-peak-gflops)",
+        f"{peak_note}.",
         "peak memory: the process's peak resident set during one warm call above the set before it (ONNX Runtime: "
         "its session's first run, which grows its arena); set-up + first call includes torch.compile's "
         "compilation (from inductor's on-disk cache when an earlier run filled it) and the ONNX session.",
