@@ -19,8 +19,10 @@ logger = logging.getLogger(__name__)
 
 def networks_from_run(
     run_dir: str | Path, which: str = "best"
-) -> tuple[FeatureExtractor, MaskGenerator, dict[str, Any]]:
-    """The networks of ``run_dir/{best,last}.pt`` (best falls back to last) and a provenance dict."""
+) -> tuple[FeatureExtractor, MaskGenerator | None, dict[str, Any]]:
+    """The networks of ``run_dir/{best,last}.pt`` (best falls back to last) and a provenance dict. The mask
+    generator is None when the checkpoint comes from before stage 2: it was never trained, and a service
+    serving its masks would show noise as attention."""
     run_dir = Path(run_dir)
     path = run_dir / f"{which}.pt"
     if which == "best" and not path.is_file():
@@ -30,9 +32,12 @@ def networks_from_run(
     ckpt = load_checkpoint(path)
     config = TrainConfig.from_dict(ckpt["config"])
     model_config = config.model_config()
-    extractor, mask_generator = FeatureExtractor(model_config), MaskGenerator(model_config)
+    extractor = FeatureExtractor(model_config)
     extractor.load_state_dict(ckpt["extractor"])
-    mask_generator.load_state_dict(ckpt["mask_generator"])
+    mask_generator = None
+    if ckpt["stage"] >= 2:
+        mask_generator = MaskGenerator(model_config)
+        mask_generator.load_state_dict(ckpt["mask_generator"])
     evaluated = [r for r in ckpt["history"] if "mAP" in r]
     provenance = {
         "dataset": config.dataset,
@@ -43,7 +48,7 @@ def networks_from_run(
         "seed": config.seed,
         "evaluation": evaluated[-1] if evaluated else None,
     }
-    return extractor.eval(), mask_generator.eval(), provenance
+    return extractor.eval(), mask_generator.eval() if mask_generator else None, provenance
 
 
 def export_weights(

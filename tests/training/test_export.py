@@ -66,3 +66,13 @@ def test_onnx_export_matches_pytorch_with_a_dynamic_batch(tmp_path) -> None:
     path = export_onnx(extractor, tmp_path / "extractor.onnx")  # checks a batch of 3 to 1e-4
     for batch in (1, 5):  # exported with a batch of 2
         assert onnx_max_difference(extractor, path, SMALL, batch=batch) < 1e-4
+
+
+def test_a_run_stopped_after_stage_1_exports_no_mask_generator(tmp_path) -> None:
+    """Its mask generator was never trained: the weights must not pretend otherwise."""
+    train_config = TrainConfig(backbone="resnet18", input_height=64, input_width=32, feat_dim=64, unet_base_width=4)
+    extractor, generator = _trained_like(train_config.model_config())
+    state = {"config": train_config.to_dict(), "history": [], "extractor": extractor.state_dict()}
+    save_checkpoint(tmp_path / "last.pt", {**state, "stage": 1, "epoch": 4, "mask_generator": generator.state_dict()})
+    _, _, has_mask = read_metadata(export_weights(tmp_path, tmp_path / "model.safetensors"))
+    assert not has_mask
