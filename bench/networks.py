@@ -291,6 +291,7 @@ def measure(
 ) -> None:
     """One row per (variant, batch); variants interleaved round by round at each batch size."""
     cuda = device == "cuda"
+    max_rounds = args.cuda_rounds if cuda else args.rounds
     scale = 1e12 if cuda else 1e9
     for batch in batches:
         x = torch.randn(batch, 3, config.input_height, config.input_width, device=device)
@@ -303,7 +304,7 @@ def measure(
             except Exception as exc:  # a variant that cannot run here is reported, not fatal
                 logger.warning("%s batch %d: %s failed: %s", device, batch, variant.name, exc)
                 failed[variant.name] = _error(exc)
-        rounds = rounds_within(args.budget_s, sum(w.warm_s for w in warm.values()), args.min_rounds, args.rounds)
+        rounds = rounds_within(args.budget_s, sum(w.warm_s for w in warm.values()), args.min_rounds, max_rounds)
         logger.info("%s batch %d: %d interleaved rounds", device, batch, rounds)
         times = interleaved_rounds({name: w.call for name, w in warm.items()}, rounds)
         reference = times.get(variants[0].name)
@@ -368,7 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch sizes on the CPU (default: --batches for the extractor, 1,8,32 for the mask generator, "
         "whose batch of 128 takes minutes a call on two cores)",
     )
-    parser.add_argument("--rounds", type=int, default=5, help="most interleaved timing rounds per batch size")
+    parser.add_argument("--rounds", type=int, default=5, help="most interleaved timing rounds per batch size (CPU)")
+    parser.add_argument(
+        "--cuda-rounds", type=int, default=30, help="most interleaved timing rounds per batch size on CUDA"
+    )
     parser.add_argument("--min-rounds", type=int, default=3, help="fewest rounds, however long they take")
     parser.add_argument(
         "--budget-s", type=float, default=20.0, help="seconds of timing rounds per batch size (within the bounds)"
@@ -381,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpu-peak-gflops",
         type=float,
         default=None,
-        help="the CPU's FP32 peak, GFLOP/s (default: an estimate, cores x clock x 32 FLOP/cycle)",
+        help="the CPU's FP32 peak, GFLOP/s (default: an estimate, min(threads, cores) x nominal clock x 32 FLOP/cycle)",
     )
     add_common_args(parser)
     return parser
@@ -412,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     skip = [s.strip() for s in args.skip.split(",") if s.strip()]
     cpu_batches = args.cpu_batches or (
-        args.batches if args.net == "extractor" else [b for b in args.batches if b <= 32]
+        args.batches if args.net == "extractor" else [b for b in args.batches if b <= 32] or [min(args.batches)]
     )
     common_notes = [
         f"{label} at {height}x{width}: {flops / 2e9:.2f} GMAC per image (torch.utils.flop_counter), "
