@@ -350,6 +350,7 @@ def setup(args: Any) -> Path | None:
     """Logging, threads and allocator settings every script starts with; returns where to append (or None)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs each instruction set it tries
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     global _LOAD_AT_START
     _LOAD_AT_START = _load_average()
     if args.threads is not None:

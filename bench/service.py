@@ -17,6 +17,7 @@ import asyncio
 import io
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -109,6 +110,7 @@ def wait_ready(server: Server, timeout_s: float) -> None:
 def stop_server(server: Server) -> None:
     if server.process is None or server.process.poll() is not None:
         return
+    logger.info("stopping %s", server.name)
     server.process.terminate()
     try:
         server.process.wait(timeout=20)
@@ -228,9 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # so that the servers are stopped on the way out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     results = setup(args)
+    signal.signal(signal.SIGTERM, _exit)
     started = time.time()
     height, width = (int(v) for v in args.input_size.lower().split("x"))
     servers = [
