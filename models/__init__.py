@@ -3,6 +3,7 @@ weights format that training writes and the service reads."""
 
 from models.config import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 from models.extractor import FeatureExtractor, build_extractor, read_state_dict
+from models.fingerprint import extractor_fingerprint
 from models.masking import hide_top, keep_map
 from models.preprocess import build_eval_transform, denormalize, to_rgb
 from models.unet import MaskGenerator, build_mask_generator
@@ -21,6 +22,7 @@ __all__ = [
     "build_extractor",
     "build_mask_generator",
     "denormalize",
+    "extractor_fingerprint",
     "hide_top",
     "keep_map",
     "load_weights",
