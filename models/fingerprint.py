@@ -23,5 +23,5 @@ def extractor_fingerprint(config: ModelConfig, state_dict: dict[str, torch.Tenso
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().to("cpu").contiguous()
         digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d buffers too
     return digest.hexdigest()
