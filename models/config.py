@@ -7,27 +7,39 @@ Generated Attention Masks", section 2.1 and 3.2).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 BACKBONES = ("resnet50", "resnet18", "mobilenet_v2")
+NECK_FEATS = ("before", "after")
+
+
+def _opt(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field with its help (and optional ``choices``) in the metadata: training's CLI flags are
+    derived from it."""
+    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "resnet50"  # the paper's; resnet18 and mobilenet_v2 for small machines
-    feat_dim: int = 512  # 1x1 conv -> feat_dim + BN + ReLU on the pooled trunk output
-    last_stride: int = 2  # torchvision's (and the paper's); 1 is the field's re-ID trick for ResNets
-    unet_base_width: int = 32  # U-Net level widths are base * 2**level: 32..512 in the paper
-    unet_levels: int = 5  # resolution levels; inputs must have sides divisible by 2**(levels-1)
-    input_height: int = 224
-    input_width: int = 112
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    mask_ratio: float = 0.3  # share of pixels hidden where the generated mask is highest
+    backbone: str = _opt("resnet50", "extractor trunk: the paper's resnet50; resnet18, mobilenet_v2", choices=BACKBONES)
+    feat_dim: int = _opt(512, "template size: 1x1 conv -> feat_dim + BN + ReLU on the pooled trunk output")
+    last_stride: int = _opt(2, "stride of a ResNet's last stage: 2 (torchvision, paper) or 1 (the field's trick)")
+    unet_base_width: int = _opt(32, "U-Net level widths are base * 2**level: 32..512 in the paper")
+    unet_levels: int = _opt(5, "U-Net resolution levels; input sides must be divisible by 2**(levels-1)")
+    input_height: int = _opt(224, "network input height (paper: 224)")
+    input_width: int = _opt(112, "network input width (paper: 112)")
+    mean: tuple[float, float, float] = _opt(IMAGENET_MEAN, "normalisation mean (ImageNet's)")
+    std: tuple[float, float, float] = _opt(IMAGENET_STD, "normalisation std (ImageNet's)")
+    mask_ratio: float = _opt(0.3, "share of pixels hidden where the generated mask is highest")
+    # The served template. The defaults are the paper's: the head's ReLU output as it is.
+    bnneck: bool = _opt(False, "BatchNorm1d after the head (Luo et al.'s BNNeck); the ID loss reads its output")
+    neck_feat: str = _opt("before", "serve the feature before or after the BNNeck", choices=NECK_FEATS)
+    normalize: bool = _opt(False, "L2-normalise the served template (Euclidean distances then rank as cosine)")
+    flip_average: bool = _opt(False, "serve the mean of the image's and its mirror's features (2x inference)")
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -46,6 +58,10 @@ class ModelConfig:
             )
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.neck_feat not in NECK_FEATS:
+            raise ValueError(f"unknown neck_feat {self.neck_feat!r}; choose {', '.join(NECK_FEATS)}")
+        if self.neck_feat == "after" and not self.bnneck:
+            raise ValueError("neck_feat='after' serves the BNNeck's output, so it needs bnneck=True")
         # JSON gives lists; keep the dataclass hashable and comparable.
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
@@ -56,7 +72,14 @@ class ModelConfig:
         return (self.input_height, self.input_width)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting, except the served-feature ones added after format version 1 while they are at their
+        (the paper's) defaults: the config of weights written before them, and so their fingerprint, stay the
+        same; ``from_dict`` fills them in."""
+        data = dataclasses.asdict(self)
+        for name, default in _LATER_DEFAULTS.items():
+            if data[name] == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -65,3 +88,6 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model settings {unknown}; known settings are {sorted(known)}")
         return cls(**data)
+
+
+_LATER_DEFAULTS = {"bnneck": False, "neck_feat": "before", "normalize": False, "flip_average": False}

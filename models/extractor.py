@@ -1,6 +1,14 @@
 """The feature extractor of section 2.1: an ImageNet trunk, its classifier removed, then a
 1x1 conv to ``feat_dim`` filters + BatchNorm + ReLU, giving one ``feat_dim`` template per image.
 
+With ``ModelConfig.bnneck`` a BatchNorm1d without shift follows the head (Luo et al., "Bag of Tricks and a
+Strong Baseline for Deep Person Re-identification", CVPR-W 2019): the triplet loss reads the feature before
+it, the ID loss's classifier (a training-only layer, see ``training.engine``) the feature after it. Which of
+the two is served, raw or L2-normalised, is ``neck_feat`` and ``normalize``: ``forward`` in eval mode is the
+served template, the one the service, offline evaluation and the ONNX export all compute (with
+``flip_average`` it is the mean over the image and its mirror, so the service gets the flip-averaged
+evaluation's answers too).
+
 The trunk is torchvision's own module with its classifier deleted, so ``extractor.trunk``'s
 parameter names are exactly torchvision's and ImageNet weights load from a local file unchanged.
 """
@@ -11,6 +19,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -41,7 +50,8 @@ def _build_trunk(backbone: str, last_stride: int) -> nn.Module:
 
 
 class FeatureExtractor(nn.Module):
-    """Image (B, 3, H, W), ImageNet-normalised -> template (B, feat_dim), non-negative."""
+    """Image (B, 3, H, W), ImageNet-normalised -> template (B, feat_dim); non-negative with the paper's
+    settings (the head ends in a ReLU)."""
 
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
@@ -53,6 +63,11 @@ class FeatureExtractor(nn.Module):
             nn.BatchNorm2d(self.config.feat_dim),
             nn.ReLU(inplace=True),
         )
+        self.neck: nn.BatchNorm1d | None = None
+        if self.config.bnneck:
+            self.neck = nn.BatchNorm1d(self.config.feat_dim)
+            # No shift (fast-reid's bias_freeze): the ID loss's hyperplanes then pass through the origin.
+            self.neck.bias.requires_grad_(False)
 
     @property
     def feat_dim(self) -> int:
@@ -70,8 +85,21 @@ class FeatureExtractor(nn.Module):
         """(B, C, h, w) -> (B, feat_dim)."""
         return self.head(self.pool(feature_map)).flatten(1)
 
+    def forward_neck(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> (feature before the BNNeck, feature after it), each (B, feat_dim); the two are the
+        same tensor without a BNNeck. Training's losses read these; ``forward`` serves one of them."""
+        feat = self.forward_head(self.forward_features(x))
+        return feat, (self.neck(feat) if self.neck is not None else feat)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        """(B, 3, H, W) -> the served template (B, feat_dim)."""
+        if self.config.flip_average:  # one pass over the images and their mirrors, (2B, D) each
+            n = x.shape[0]
+            before, after = (f[:n] / 2 + f[n:] / 2 for f in self.forward_neck(torch.cat([x, x.flip(-1)])))
+        else:
+            before, after = self.forward_neck(x)
+        feat = after if self.config.neck_feat == "after" else before
+        return F.normalize(feat, dim=1) if self.config.normalize else feat
 
     def trunk_blocks(self) -> list[nn.Module]:
         """The trunk's blocks in input order: for ResNets the stem (conv1 + bn1) then layer1..layer4,

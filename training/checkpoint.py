@@ -1,4 +1,6 @@
-"""Checkpoints: ``last.pt`` after every epoch and ``best.pt`` at the best mAP, written atomically."""
+"""Checkpoints: ``last.pt`` after every epoch and ``best.pt`` at the best mAP, written atomically, holding only
+tensors, numbers, strings, lists, tuples and dicts, and read with ``torch.load(weights_only=True)``: a file that
+needs anything else (pickled code) is refused."""
 
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ import torch
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)}
+    numpy_state.update(has_gauss=int(has_gauss), cached_gaussian=float(cached))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -21,7 +26,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -43,8 +50,17 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint this package wrote (it holds RNG states, so it is not loaded with weights_only)."""
+    """A checkpoint this package wrote, read with ``weights_only=True``; anything else is refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError for code, zip or EOF errors for a damaged file
+        raise ValueError(
+            f"refusing checkpoint {path}: it cannot be read with weights_only=True (only tensors, numbers, "
+            f"strings and containers are allowed; it may come from an older release or hold code): {exc}"
+        ) from exc
+    if not isinstance(state, dict) or "config" not in state or "extractor" not in state:
+        raise ValueError(f"checkpoint {path} is not a training checkpoint (no config or extractor)")
+    return state

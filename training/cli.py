@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from training.config import AMP_MODES, TrainConfig
+from models import ModelConfig
+from training.config import RECIPES, TrainConfig, recipe_config
 
 logger = logging.getLogger("training")
 DATASETS = ("market1501", "dukemtmc", "cuhk03", "folder", "synthetic")
-_DEFAULTS = TrainConfig()
+# Settings that are not flags: the nested model (its fields are flags), reader options (--query-camid), and
+# the normalisation constants that travel with the ImageNet weights.
+_NOT_FLAGS = {"model", "dataset_kwargs", "mean", "std", "root", "dataset", "workers", "device"}
 
 
-def _int_list(count: int | None, name: str, allowed: tuple[int, ...] | None = None):
+def _int_list(count: int | None, name: str):
     def parse(text: str) -> tuple[int, ...]:
         try:
             values = tuple(int(v) for v in text.split(","))
@@ -27,27 +32,43 @@ def _int_list(count: int | None, name: str, allowed: tuple[int, ...] | None = No
             raise argparse.ArgumentTypeError(f"{name} must be comma-separated integers, got {text!r}") from None
         if count is not None and len(values) != count:
             raise argparse.ArgumentTypeError(f"{name} needs {count} comma-separated numbers, got {text!r}")
-        if any(v < 0 for v in values) or (allowed and any(v not in allowed for v in values)):
-            raise argparse.ArgumentTypeError(f"{name} has a value out of range in {text!r}")
+        if any(v < 0 for v in values):
+            raise argparse.ArgumentTypeError(f"{name} has a negative value in {text!r}")
         return values
 
     return parse
 
 
-def _input_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--input-size must look like 224x112, got {text!r}") from None
-    return h, w
+def _flag_kwargs(f: dataclasses.Field, flag: str) -> dict[str, Any]:
+    """argparse options for a dataclass field, from its annotation, default and ``help`` metadata. Defaults
+    are left out of the namespace (SUPPRESS), so only the flags given override the recipe's settings."""
+    kind = str(f.type)
+    kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {f.default})"}
+    if "choices" in f.metadata:
+        kw["choices"] = f.metadata["choices"]
+    if kind == "bool":
+        kw["action"] = argparse.BooleanOptionalAction
+    elif kind.startswith("tuple[int"):
+        kw["type"] = _int_list(None if "..." in kind else kind.count("int"), flag)
+    else:
+        kw["type"] = {"int": int, "float": float}.get(kind, str)
+    return kw
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig and ModelConfig field (``lr_steps`` -> ``--lr-steps``)."""
+    for cls, group in ((TrainConfig, p.add_argument_group("training")), (ModelConfig, p.add_argument_group("model"))):
+        for f in dataclasses.fields(cls):
+            if f.name not in _NOT_FLAGS:
+                flag = "--" + f.name.replace("_", "-")
+                group.add_argument(flag, dest=f.name, **_flag_kwargs(f, flag))
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default=_DEFAULTS.dataset, choices=DATASETS, help="data set layout under --root")
+    p.add_argument("--dataset", default="market1501", choices=DATASETS, help="data set layout under --root")
     p.add_argument("--root", default=None, required=True, help="folder holding the data set")
-    p.add_argument("--workers", type=int, default=_DEFAULTS.workers, help="data loader processes")
-    p.add_argument("--device", default=_DEFAULTS.device, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--flip-eval", action="store_true", help="average features of each image and its mirror")
+    p.add_argument("--workers", type=int, default=4, help="data loader processes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--query-camid", type=int, default=0, help="folder/CSV data: the val camera used as queries")
 
 
@@ -56,116 +77,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    fit = sub.add_parser("fit", help="train the three stages of the paper")
+    fit = sub.add_parser("fit", help="train: the paper's three stages, or the strong recipe (--recipe strong)")
     _add_data_args(fit)
-    fit.add_argument("--out", default=_DEFAULTS.out, help="run folder (config, checkpoints, log, plots)")
     fit.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
-    fit.add_argument(
-        "--stages",
-        type=_int_list(None, "--stages", (1, 2, 3)),
-        default=_DEFAULTS.stages,
-        help="stages to run, e.g. 1,2,3 or 2",
-    )
-    fit.add_argument(
-        "--epochs",
-        type=_int_list(3, "--epochs"),
-        default=_DEFAULTS.epochs,
-        help="epochs of stages 1,2,3 (paper: 50,25,100)",
-    )
-    fit.add_argument(
-        "--backbone",
-        default=_DEFAULTS.backbone,
-        choices=("resnet50", "resnet18", "mobilenet_v2"),
-        help="extractor trunk",
-    )
-    fit.add_argument("--pretrained", default=None, help="local ImageNet weights file for the trunk")
-    fit.add_argument(
-        "--input-size",
-        type=_input_size,
-        default=(_DEFAULTS.input_height, _DEFAULTS.input_width),
-        help="HxW of the network input (paper: 224x112)",
-    )
-    fit.add_argument("--feat-dim", type=int, default=_DEFAULTS.feat_dim, help="template size")
-    fit.add_argument("--unet-width", type=int, default=_DEFAULTS.unet_base_width, help="U-Net base width")
-    fit.add_argument("--unet-levels", type=int, default=_DEFAULTS.unet_levels, help="U-Net resolution levels")
-    fit.add_argument("--p", type=int, default=_DEFAULTS.p, help="identities per batch")
-    fit.add_argument("--k", type=int, default=_DEFAULTS.k, help="images per identity")
-    fit.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="Adam lr of the extractor")
-    fit.add_argument(
-        "--warmup-epochs",
-        type=int,
-        default=_DEFAULTS.warmup_epochs,
-        help="linear lr warm-up (from lr/10) over stage 1's first epochs; 0 = none (the paper's)",
-    )
-    fit.add_argument(
-        "--freeze-blocks",
-        type=int,
-        default=_DEFAULTS.freeze_blocks,
-        help="leading trunk blocks kept at their ImageNet weights (ResNet: stem, layer1..4; MobileNetV2: 19 blocks)",
-    )
-    fit.add_argument("--mask-lr", type=float, default=_DEFAULTS.mask_lr, help="Adam lr of the mask generator")
-    fit.add_argument("--margin", type=float, default=_DEFAULTS.margin, help="triplet margin")
-    fit.add_argument("--soft-margin", action="store_true", help="soft-margin triplet loss")
-    fit.add_argument("--lambda1", type=float, default=_DEFAULTS.lambda1, help="weight of the clean triplet loss")
-    fit.add_argument("--lambda2", type=float, default=_DEFAULTS.lambda2, help="weight of the identity loss")
-    fit.add_argument("--mask-ratio", type=float, default=_DEFAULTS.mask_ratio, help="share of pixels hidden")
-    fit.add_argument("--eval-every", type=int, default=_DEFAULTS.eval_every, help="evaluate every N epochs")
-    fit.add_argument("--amp", default=_DEFAULTS.amp, choices=AMP_MODES, help="mixed precision on CUDA")
-    fit.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    fit.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="random seed")
+    _add_config_flags(fit)
 
-    ev = sub.add_parser("evaluate", help="evaluate a weights file on a data set's query/gallery")
+    ev = sub.add_parser("evaluate", help="figures and open-set thresholds of a weights file on a data set")
     _add_data_args(ev)
     ev.add_argument("--weights", required=True, default=None, help="weights file (.safetensors)")
+    ev.add_argument("--rerank", action="store_true", help="also the figures after k-reciprocal re-ranking")
+    ev.add_argument("--histogram", default=None, help="write the genuine/impostor distance histograms to this PNG")
 
     ex = sub.add_parser("export", help="write weights for the app (and ONNX) from a run")
     ex.add_argument("--run", required=True, default=None, help="run folder written by fit")
     ex.add_argument("--out", default=None, help="weights path (default RUN/model.safetensors)")
+    ex.add_argument(
+        "--checkpoint", default="last", choices=("last", "best"), help="last (default) or best-on-val checkpoint"
+    )
+    ex.add_argument("--root", default=None, help="the run's data set, if it moved (thresholds use its val split)")
+    ex.add_argument("--no-thresholds", action="store_true", help="skip the open-set threshold calibration")
     ex.add_argument("--onnx", action="store_true", help="also write RUN/extractor.onnx, checked to 1e-4")
 
     demo = sub.add_parser("demo", help="synthetic data, all three stages on the CPU in minutes")
     demo.add_argument("--out", default="runs/demo", help="run folder (the data goes in OUT/data)")
     demo.add_argument("--epochs", type=_int_list(3, "--epochs"), default=(8, 2, 4), help="epochs of stages 1,2,3")
+    demo.add_argument("--recipe", default="paper", choices=tuple(RECIPES), help="paper or strong")
     demo.add_argument("--device", default="cpu", help="cpu or cuda")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     return parser
 
 
-def _config_from_args(args: argparse.Namespace) -> TrainConfig:
-    kwargs = {"query_camid": args.query_camid} if args.dataset == "folder" else {}
-    return TrainConfig(
-        dataset=args.dataset,
-        root=args.root,
-        out=args.out,
-        backbone=args.backbone,
-        pretrained=args.pretrained,
-        input_height=args.input_size[0],
-        input_width=args.input_size[1],
-        feat_dim=args.feat_dim,
-        unet_base_width=args.unet_width,
-        unet_levels=args.unet_levels,
-        mask_ratio=args.mask_ratio,
-        epochs=args.epochs,
-        stages=args.stages,
-        p=args.p,
-        k=args.k,
-        lr=args.lr,
-        warmup_epochs=args.warmup_epochs,
-        freeze_blocks=args.freeze_blocks,
-        mask_lr=args.mask_lr,
-        margin=args.margin,
-        soft_margin=args.soft_margin,
-        lambda1=args.lambda1,
-        lambda2=args.lambda2,
-        eval_every=args.eval_every,
-        flip_eval=args.flip_eval,
-        device=args.device,
-        amp=args.amp,
-        channels_last=args.channels_last,
-        workers=args.workers,
-        seed=args.seed,
-        dataset_kwargs=kwargs,
-    )
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The recipe's settings, overridden by each flag given."""
+    given = vars(args)
+    model = {f.name: given[f.name] for f in dataclasses.fields(ModelConfig) if f.name in given}
+    train = {f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given}
+    train.pop("recipe", None)
+    train.update(dataset=args.dataset, root=args.root, workers=args.workers, device=args.device)
+    train["dataset_kwargs"] = {"query_camid": args.query_camid} if args.dataset == "folder" else {}
+    return recipe_config(given.get("recipe", "paper"), model, **train)
 
 
 def _progress(desc: str):
@@ -174,24 +124,13 @@ def _progress(desc: str):
     return lambda it: tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def _eval_loaders(dataset, model_config, workers: int):
-    from models import build_eval_transform
-    from training.data import ImageDataset
-
-    t = build_eval_transform(model_config)
-    kw = dict(batch_size=128, shuffle=False, num_workers=workers)
-    return (
-        torch.utils.data.DataLoader(ImageDataset(dataset.query, t), **kw),
-        torch.utils.data.DataLoader(ImageDataset(dataset.gallery, t), **kw),
-    )
-
-
 def build_loaders(config: TrainConfig, rank: int = 0, world_size: int = 1):
     """Train (P x K sampler), query and gallery loaders from the data package."""
     if not Path(config.root).exists():
         raise FileNotFoundError(f"data set root {config.root} does not exist")
     from training.data import ImageDataset, build_dataset
     from training.engine import Loaders
+    from training.export import val_loaders
     from training.samplers import RandomIdentitySampler
     from training.transforms import build_train_transform
 
@@ -201,7 +140,7 @@ def build_loaders(config: TrainConfig, rank: int = 0, world_size: int = 1):
         dataset.train, num_pids=config.p, num_instances=config.k, seed=config.seed, rank=rank, world_size=world_size
     )
     train = torch.utils.data.DataLoader(
-        ImageDataset(dataset.train, build_train_transform(model_config)),
+        ImageDataset(dataset.train, build_train_transform(model_config, erasing_p=config.random_erasing)),
         batch_size=config.p * config.k,
         sampler=sampler,
         drop_last=True,
@@ -209,15 +148,15 @@ def build_loaders(config: TrainConfig, rank: int = 0, world_size: int = 1):
         pin_memory=torch.cuda.is_available(),
         persistent_workers=config.workers > 0,
     )
-    query, gallery = _eval_loaders(dataset, model_config, config.workers)
+    query, gallery = val_loaders(config, workers=config.workers)
     figure = torch.stack([query.dataset[i][0] for i in range(min(8, len(query.dataset)))])
-    return Loaders(train, query, gallery, sampler, figure)
+    return Loaders(train, query, gallery, sampler, figure, sorted({s.pid for s in dataset.train}))
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from training.engine import fit
 
-    config = _config_from_args(args)
+    config = config_from_args(args)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world_size > 1:  # torchrun
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -231,7 +170,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     _, state = fit(
         config,
         loaders,
-        Path(args.out),
+        Path(config.out),
         resume=args.resume,
         progress=_progress("train") if rank == 0 else None,
         is_main=rank == 0,
@@ -250,19 +189,31 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from models import load_weights
-    from training.engine import evaluate, resolve_device
+    from training.engine import extract_features, resolve_device
+    from training.evaluation import calibrate_thresholds, evaluate_features, pair_distances
+    from training.export import THRESHOLD_FMRS, val_loaders
 
-    if not Path(args.root).exists():
-        raise FileNotFoundError(f"data set root {args.root} does not exist")
     device = resolve_device(args.device)
     model = load_weights(args.weights, device)
-    from training.data import build_dataset
-
     kwargs = {"query_camid": args.query_camid} if args.dataset == "folder" else {}
-    dataset = build_dataset(args.dataset, args.root, **kwargs)
-    query, gallery = _eval_loaders(dataset, model.config, args.workers)
-    figures = evaluate(model.extractor, query, gallery, device, args.flip_eval)
-    sys.stdout.write(json.dumps({k: round(v, 2) for k, v in figures.items()}) + "\n")
+    config = TrainConfig(dataset=args.dataset, root=args.root, dataset_kwargs=kwargs, model=model.config)
+    query, gallery = val_loaders(config, workers=args.workers)
+    qf, q_pids, q_camids = extract_features(model.extractor, query, device)
+    gf, g_pids, g_camids = extract_features(model.extractor, gallery, device)
+    figures = evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, rerank=args.rerank)
+    genuine, impostor = pair_distances(qf, gf, q_pids, g_pids, q_camids, g_camids)
+    thresholds = calibrate_thresholds(genuine, impostor, THRESHOLD_FMRS)
+    report = {
+        "figures": {k: round(v, 2) for k, v in figures.items()},
+        "thresholds": thresholds,
+        "pairs": {"genuine": len(genuine), "impostor": len(impostor)},
+        "stored_thresholds": model.provenance.get("thresholds"),
+    }
+    if args.histogram:
+        from training.plots import distance_histograms
+
+        report["histogram"] = str(distance_histograms(genuine, impostor, thresholds, Path(args.histogram)))
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return 0
 
 
@@ -272,10 +223,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     run = Path(args.run)
     if not run.is_dir():
         raise FileNotFoundError(f"run folder {run} does not exist")
-    path = export_weights(run, args.out or run / "model.safetensors")
+    out = args.out or run / "model.safetensors"
+    path = export_weights(run, out, which=args.checkpoint, calibrate=not args.no_thresholds, root=args.root)
     sys.stdout.write(f"weights: {path}\n")
     if args.onnx:
-        extractor, _, _ = networks_from_run(run)
+        extractor, _, _ = networks_from_run(run, args.checkpoint)
         sys.stdout.write(f"onnx: {export_onnx(extractor, run / 'extractor.onnx')}\n")
     return 0
 
@@ -286,16 +238,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     root = generate_synthetic_market1501(out / "data", seed=args.seed, size=(64, 32))
-    config = TrainConfig(
+    small = dict(backbone="resnet18", input_height=64, input_width=32, feat_dim=64, unet_base_width=8, unet_levels=3)
+    config = recipe_config(
+        args.recipe,
+        small,
         dataset="market1501",
         root=str(root),
         out=str(out),
-        backbone="resnet18",
-        input_height=64,
-        input_width=32,
-        feat_dim=64,
-        unet_base_width=8,
-        unet_levels=3,
         epochs=args.epochs,
         p=8,
         k=3,
@@ -308,7 +257,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     loaders = build_loaders(config)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    nets = build_networks(config, device)
+    nets = build_networks(config, device, loaders.train_pids)
     before = evaluate(nets.extractor, loaders.query, loaders.gallery, device)
     sys.stdout.write(f"untrained: mAP {before['mAP']:.1f}%  rank-1 {before['rank1']:.1f}%\n")
     start = time.time()

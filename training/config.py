@@ -1,4 +1,9 @@
-"""Training settings: every number of the paper (sections 2.2, 3.2, 3.3) as a default."""
+"""Training settings: every number of the paper (sections 2.2, 3.2, 3.3) as a default, and the field's strong
+recipe as a named set of overrides.
+
+``TrainConfig`` nests the ``ModelConfig`` that travels with the weights, so each setting has one home; the
+CLI's flags are derived from both dataclasses (``training.cli``), each field's ``help`` in its metadata.
+"""
 
 from __future__ import annotations
 
@@ -9,46 +14,64 @@ from typing import Any
 from models import ModelConfig
 
 AMP_MODES = ("none", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine", "step")
+
+
+def _opt(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field with its CLI help (and optional ``choices``) in the metadata."""
+    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass
 class TrainConfig:
-    dataset: str = "market1501"  # market1501, dukemtmc, cuhk03, folder, synthetic
-    root: str = "data"  # the data set's folder
-    out: str = "runs/default"  # the run folder: config, checkpoints, log, plots, weights
-    backbone: str = "resnet50"  # the paper's; resnet18 / mobilenet_v2 for small machines
-    pretrained: str | None = None  # local ImageNet weights file for the trunk (or "download")
-    input_height: int = 224  # section 3.2: 224x112 crops
-    input_width: int = 112
-    feat_dim: int = 512  # template size (section 2.1)
-    last_stride: int = 2
-    unet_base_width: int = 32  # U-Net widths 32..512
-    unet_levels: int = 5
-    mask_ratio: float = 0.3  # top 30% of the mask hidden
-    epochs: tuple[int, int, int] = (50, 25, 100)  # stages 1, 2, 3 (section 3.3)
-    stages: tuple[int, ...] = (1, 2, 3)  # which stages this invocation runs
-    p: int = 20  # identities per batch
-    k: int = 3  # images per identity (P x K = 60)
-    lr: float = 2e-4  # Adam, extractor
-    warmup_epochs: int = 0  # linear lr warm-up of the extractor (from lr/10) over stage 1's first epochs; 0 = none
-    freeze_blocks: int = 0  # leading trunk blocks kept at their ImageNet weights and BN statistics; 0 = none
-    mask_lr: float = 1e-3  # Adam defaults, mask generator
-    margin: float = 0.3  # triplet margin
-    soft_margin: bool = False  # softplus instead of the hinge
-    lambda1: float = 0.90  # clean vs masked triplet weight
-    lambda2: float = 0.95  # identity vs sparsity + contiguity weight
-    eval_every: int = 5  # evaluate every N epochs (and at each stage's end); 0 = only at the end
-    flip_eval: bool = False  # average the features of the image and its mirror at evaluation
-    device: str = "auto"  # auto = cuda when present, else cpu
-    amp: str = "none"  # none, bf16, fp16 (CUDA only)
-    channels_last: bool = False
-    workers: int = 4
-    seed: int = 0
-    dataset_kwargs: dict[str, Any] = field(default_factory=dict)
+    dataset: str = _opt(
+        "market1501",
+        "data set layout under --root",
+        choices=("market1501", "dukemtmc", "cuhk03", "folder", "synthetic"),
+    )
+    root: str = _opt("data", "folder holding the data set")
+    out: str = _opt("runs/default", "run folder: config, checkpoints, log, plots, weights")
+    recipe: str = _opt(
+        "paper", "named defaults: paper (the paper's numbers) or strong (the field's BoT)", choices=("paper", "strong")
+    )
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrained: str | None = _opt(None, "local ImageNet weights file for the trunk (or 'download')")
+    epochs: tuple[int, int, int] = _opt((50, 25, 100), "epochs of stages 1,2,3 (section 3.3)")
+    stages: tuple[int, ...] = _opt((1, 2, 3), "stages this invocation runs, e.g. 1,2,3 or 2")
+    p: int = _opt(20, "identities per batch")
+    k: int = _opt(3, "images per identity (P x K = 60)")
+    lr: float = _opt(2e-4, "Adam lr of the extractor (and the ID loss's classifier)")
+    warmup_epochs: int = _opt(0, "linear lr warm-up of the extractor from lr/10 over its first N epochs; 0 = none")
+    lr_schedule: str = _opt(
+        "constant", "extractor lr after the warm-up: constant (paper), cosine or step", choices=LR_SCHEDULES
+    )
+    lr_steps: tuple[int, ...] = _opt((40, 70), "step schedule: the extractor epochs where the lr is divided by 10")
+    freeze_blocks: int = _opt(0, "leading trunk blocks kept at their ImageNet weights and BN statistics; 0 = none")
+    mask_lr: float = _opt(1e-3, "Adam lr of the mask generator")
+    margin: float = _opt(0.3, "triplet margin")
+    soft_margin: bool = _opt(False, "softplus instead of the triplet hinge")
+    id_loss_weight: float = _opt(0.0, "weight of the ID loss (cross-entropy on the BNNeck feature); 0 = off")
+    label_smoothing: float = _opt(0.0, "label smoothing of the ID loss (the field's 0.1)")
+    random_erasing: float = _opt(0.0, "probability of random erasing a training crop (the field's 0.5)")
+    lambda1: float = _opt(0.90, "weight of the clean triplet loss in stage 3")
+    lambda2: float = _opt(0.95, "weight of the identity loss of the mask generator")
+    eval_every: int = _opt(5, "evaluate every N epochs (and at each stage's end); 0 = only at the end")
+    rerank: bool = _opt(False, "k-reciprocal re-ranking (Zhong et al., 2017) at evaluation")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N (auto = cuda when present)")
+    amp: str = _opt("none", "mixed precision on CUDA", choices=AMP_MODES)
+    channels_last: bool = _opt(False, "channels_last memory format")
+    workers: int = _opt(4, "data loader processes")
+    seed: int = _opt(0, "random seed")
+    dataset_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "reader options (query_camid)"})
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, dict):  # from JSON
+            self.model = ModelConfig.from_dict(self.model)
         self.epochs = tuple(int(e) for e in self.epochs)
         self.stages = tuple(int(s) for s in self.stages)
+        self.lr_steps = tuple(int(s) for s in self.lr_steps)
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose {', '.join(RECIPES)}")
         if len(self.epochs) != 3 or any(e < 0 for e in self.epochs):
             raise ValueError(f"epochs must be three non-negative numbers (stages 1, 2, 3), got {self.epochs}")
         if (
@@ -61,33 +84,67 @@ class TrainConfig:
             raise ValueError(
                 f"warmup_epochs and freeze_blocks must be >= 0, got {self.warmup_epochs}, {self.freeze_blocks}"
             )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose {', '.join(LR_SCHEDULES)}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"unknown amp mode {self.amp!r}; choose {', '.join(AMP_MODES)}")
         if self.p < 2 or self.k < 2:
             raise ValueError(f"p and k must be at least 2 for the triplet loss, got p={self.p}, k={self.k}")
-        for name in ("lambda1", "lambda2"):
+        for name in ("lambda1", "lambda2", "random_erasing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        self.model_config()  # validates backbone, sizes and widths
+        if not 0.0 <= self.label_smoothing < 1.0 or self.id_loss_weight < 0:
+            raise ValueError(
+                f"label_smoothing must be in [0, 1) and id_loss_weight >= 0, got {self.label_smoothing}, "
+                f"{self.id_loss_weight}"
+            )
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(
-            backbone=self.backbone,
-            feat_dim=self.feat_dim,
-            last_stride=self.last_stride,
-            unet_base_width=self.unet_base_width,
-            unet_levels=self.unet_levels,
-            input_height=self.input_height,
-            input_width=self.input_width,
-            mask_ratio=self.mask_ratio,
-        )
+        return self.model
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["epochs"], data["stages"] = list(self.epochs), list(self.stages)
+        data["epochs"], data["stages"], data["lr_steps"] = list(self.epochs), list(self.stages), list(self.lr_steps)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+        flat = {k: data[k] for k in data if k in model_keys and k not in known}
+        if flat:  # a config.json from before the nesting kept the model's settings at the top level
+            data = {k: v for k, v in data.items() if k not in flat}
+            data["model"] = {**flat, **dict(data.get("model") or {})}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known settings are {sorted(known)}")
+        return cls(**data)
+
+
+# The field's strong baseline: Luo et al., "Bag of Tricks and a Strong Baseline for Deep Person
+# Re-identification" (CVPR-W 2019), fast-reid's BoT. Warm-up and decay are over the extractor's epochs
+# (stage 1, then stage 3 when the masks are trained too).
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {"model": {}, "train": {}},
+    "strong": {
+        "model": {"bnneck": True, "neck_feat": "after", "normalize": True, "last_stride": 1, "flip_average": True},
+        "train": {
+            "id_loss_weight": 1.0,
+            "label_smoothing": 0.1,
+            "random_erasing": 0.5,
+            "warmup_epochs": 2,
+            "lr_schedule": "cosine",
+            "lr": 3.5e-4,
+        },
+    },
+}
+
+
+def recipe_config(recipe: str = "paper", model: dict[str, Any] | None = None, **train: Any) -> TrainConfig:
+    """A TrainConfig from a named recipe; ``model`` and ``train`` override the recipe's settings one by one."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose {', '.join(RECIPES)}")
+    preset = RECIPES[recipe]
+    return TrainConfig(
+        recipe=recipe, model=ModelConfig(**{**preset["model"], **(model or {})}), **{**preset["train"], **train}
+    )

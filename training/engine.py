@@ -1,7 +1,8 @@
 """The training loops of section 3.3: ``train_one_epoch`` for each stage, ``evaluate``, ``run_stage``
 and ``fit`` (all stages, checkpoints, CSV log, plots).
 
-Stage 1 trains the extractor with the triplet loss. Stage 2 trains the mask generator with L_mask,
+Stage 1 trains the extractor with the triplet loss (and, in the strong recipe, the ID loss on the BNNeck
+feature, through a training-only classifier). Stage 2 trains the mask generator with L_mask,
 the extractor frozen and in eval mode. Stage 3 trains both: L_extractor reaches only the extractor
 and L_mask only the mask generator (``backward(inputs=...)`` keeps each loss to its own network).
 """
@@ -14,7 +15,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,11 @@ import torch
 from torch import nn
 
 from models import FeatureExtractor, MaskGenerator, hide_top
+from training import distributed
 from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import TrainConfig
 from training.evaluation import evaluate_features
-from training.losses import extractor_loss, mask_loss, triplet_loss
+from training.losses import extractor_loss, id_loss, mask_loss, triplet_loss
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +40,54 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; the message holds the loss dict."""
 
 
+class ReidTrainModel(nn.Module):
+    """The extractor and the ID loss's classifier (a training-only layer: the served weights hold no classifier).
+
+    ``forward(*views)`` gives, for each batch of images, (feature before the BNNeck, ID logits or None), so
+    the extractor's losses come from one forward, the one DistributedDataParallel synchronises.
+    """
+
+    def __init__(self, extractor: FeatureExtractor, train_pids: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.extractor = extractor
+        pids = sorted(set(train_pids or ()))
+        self.register_buffer("train_pids", torch.tensor(pids, dtype=torch.long))  # class c is pid train_pids[c]
+        self.classifier: nn.Linear | None = None
+        if pids:
+            self.classifier = nn.Linear(extractor.feat_dim, len(pids), bias=False)
+            nn.init.normal_(self.classifier.weight, std=0.001)  # Luo et al.'s and fast-reid's initialisation
+
+    def labels(self, pids: torch.Tensor) -> torch.Tensor:
+        """pids -> class indices in [0, num_classes)."""
+        labels = torch.searchsorted(self.train_pids, pids)
+        if (labels >= len(self.train_pids)).any() or (
+            self.train_pids[labels.clamp_max(len(self.train_pids) - 1)] != pids
+        ).any():
+            raise ValueError("a batch holds a pid that is not among the training identities of the ID loss")
+        return labels
+
+    def forward(self, *views: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        out = []
+        for images in views:
+            feat, neck = self.extractor.forward_neck(images)
+            out.append((feat, self.classifier(neck) if self.classifier is not None else None))
+        return out
+
+
 @dataclass
 class Networks:
     extractor: FeatureExtractor
     mask_generator: MaskGenerator
-    opt_extractor: torch.optim.Optimizer
+    opt_extractor: torch.optim.Optimizer  # the extractor's and the classifier's parameters
     opt_mask: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None = None
     world_size: int = 1
+    model: nn.Module | None = None  # ReidTrainModel over ``extractor``, wrapped in DDP under torchrun
+    mask_model: nn.Module | None = None  # ``mask_generator``, wrapped in DDP under torchrun
+
+    @property
+    def train_model(self) -> ReidTrainModel:
+        return _unwrap(self.model)
 
 
 @dataclass
@@ -62,30 +104,46 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_networks(config: TrainConfig, device: torch.device) -> Networks:
+def build_networks(config: TrainConfig, device: torch.device, train_pids: Sequence[int] | None = None) -> Networks:
+    """The networks and optimisers; ``train_pids`` (the training identities) are needed by the ID loss only.
+    Under torchrun the BatchNorm layers become SyncBatchNorm and both networks are wrapped in DDP."""
     from models import build_extractor, build_mask_generator
 
     model_config = config.model_config()
+    if config.id_loss_weight > 0 and not train_pids:
+        raise ValueError("the ID loss (id_loss_weight > 0) needs the training identities (train_pids)")
     extractor = build_extractor(model_config, pretrained=config.pretrained).to(device)
     if config.freeze_blocks > len(extractor.trunk_blocks()):
         raise ValueError(
-            f"freeze_blocks={config.freeze_blocks}, but a {config.backbone} trunk has "
+            f"freeze_blocks={config.freeze_blocks}, but a {model_config.backbone} trunk has "
             f"{len(extractor.trunk_blocks())} blocks"
         )
+    model = ReidTrainModel(extractor, train_pids if config.id_loss_weight > 0 else None).to(device)
     mask_generator = build_mask_generator(model_config).to(device)
     if config.channels_last:
         extractor.to(memory_format=torch.channels_last)
         mask_generator.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" and device.type == "cuda" else None
-    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    return Networks(
+    world_size = distributed.world_size()
+    nets = Networks(
         extractor,
         mask_generator,
-        torch.optim.Adam(extractor.parameters(), lr=config.lr),
+        torch.optim.Adam(model.parameters(), lr=config.lr),
         torch.optim.Adam(mask_generator.parameters(), lr=config.mask_lr),
         scaler,
         world_size,
+        model,
+        mask_generator,
     )
+    if world_size > 1:
+        distributed.convert_sync_batchnorm(model)
+        distributed.convert_sync_batchnorm(mask_generator)
+        # DDP records the parameters that need gradients when it is built: those of stages 1 and 3.
+        set_stage_modes(1, nets, config.freeze_blocks)
+        ids = [device.index] if device.type == "cuda" else None
+        nets.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        nets.mask_model = nn.parallel.DistributedDataParallel(mask_generator, device_ids=ids)
+    return nets
 
 
 def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -100,13 +158,8 @@ def _check_finite(losses: dict[str, torch.Tensor]) -> None:
 
 
 def _backward(loss: torch.Tensor, params: list[nn.Parameter], nets: Networks) -> None:
-    """Gradients of ``loss`` into ``params`` only, averaged across ranks under torchrun."""
+    """Gradients of ``loss`` into ``params`` only (DDP averages them across ranks under torchrun)."""
     (nets.scaler.scale(loss) if nets.scaler else loss).backward(inputs=params)
-    if nets.world_size > 1:
-        for p in params:
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= nets.world_size
 
 
 def _step(opt: torch.optim.Optimizer, nets: Networks) -> None:
@@ -118,14 +171,19 @@ def _step(opt: torch.optim.Optimizer, nets: Networks) -> None:
 
 def set_stage_modes(stage: int, nets: Networks, freeze_blocks: int = 0) -> None:
     """Train/eval modes and requires_grad for a stage: in stage 2 the extractor is frozen in eval mode.
-    The first ``freeze_blocks`` trunk blocks stay frozen, BN statistics included, in every stage."""
-    nets.extractor.train(stage in (1, 3))
+    The first ``freeze_blocks`` trunk blocks stay frozen, BN statistics included, in every stage, and so does
+    the BNNeck's shift (it has none, as in Luo et al.)."""
+    extractor = _unwrap(nets.extractor)
+    model = nets.train_model if nets.model is not None else extractor
+    model.train(stage in (1, 3))
     nets.mask_generator.train(stage in (2, 3))
-    for p in nets.extractor.parameters():
+    for p in model.parameters():
         p.requires_grad_(stage in (1, 3))
     for p in nets.mask_generator.parameters():
         p.requires_grad_(stage in (2, 3))
-    for block in _unwrap(nets.extractor).trunk_blocks()[:freeze_blocks]:
+    if extractor.neck is not None:
+        extractor.neck.bias.requires_grad_(False)
+    for block in extractor.trunk_blocks()[:freeze_blocks]:
         block.eval()
         for p in block.parameters():
             p.requires_grad_(False)
@@ -135,44 +193,86 @@ def _unwrap(module: nn.Module) -> Any:
     return getattr(module, "module", module)  # DistributedDataParallel keeps the network in .module
 
 
-def warmup_factor(config: TrainConfig, stage: int, epoch: int, step: int, steps_per_epoch: int) -> float:
-    """The extractor's lr multiplier: linear from 0.1 to 1 over stage 1's first ``warmup_epochs`` epochs
-    (per step, as fast-reid and torchreid warm up), 1 afterwards and in the other stages."""
-    if stage != 1 or config.warmup_epochs == 0:
+def extractor_epochs(config: TrainConfig) -> int:
+    """The epochs the extractor trains, stage 1's and stage 3's, over which its lr schedule runs. All three
+    stage lengths count whatever ``stages`` this invocation runs, so rows that fork after stage 1 share it."""
+    return config.epochs[0] + config.epochs[2]
+
+
+def lr_factor(config: TrainConfig, stage: int, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The extractor's lr multiplier at ``step`` of ``epoch`` (0-based, counted in ``stage``): a linear warm-up
+    from 0.1 to 1 over its first ``warmup_epochs`` epochs (per step, as fast-reid and torchreid warm up), then
+    constant (the paper), cosine to 0 or divided by 10 at each of ``lr_steps``, over stage 1 then stage 3."""
+    if stage == 2:
         return 1.0
-    progress = (epoch * steps_per_epoch + step) / (config.warmup_epochs * max(steps_per_epoch, 1))
-    return 0.1 + 0.9 * min(progress, 1.0)
+    done = epoch + (config.epochs[0] if stage == 3 else 0)  # extractor epochs before this one
+    t = done + step / max(steps_per_epoch, 1)
+    if t < config.warmup_epochs:
+        return 0.1 + 0.9 * t / config.warmup_epochs
+    if config.lr_schedule == "cosine":
+        span = max(extractor_epochs(config) - config.warmup_epochs, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min((t - config.warmup_epochs) / span, 1.0)))
+    if config.lr_schedule == "step":
+        return 0.1 ** sum(done >= s for s in config.lr_steps)
+    return 1.0
+
+
+def _id_loss(logits: torch.Tensor | None, pids: torch.Tensor, nets: Networks, config: TrainConfig) -> Any:
+    """The ID loss of this rank's batch (DDP averages it over the ranks), or None without a classifier."""
+    if logits is None:
+        return None
+    return id_loss(logits, nets.train_model.labels(pids), config.label_smoothing)
 
 
 def training_step(
     stage: int, images: torch.Tensor, pids: torch.Tensor, nets: Networks, config: TrainConfig, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """One optimisation step of ``stage`` on a P x K batch; returns the detached losses."""
-    ext, gen = nets.extractor, nets.mask_generator
-    ext_params = [p for p in ext.parameters() if p.requires_grad]
-    gen_params = [p for p in gen.parameters() if p.requires_grad]
+    """One optimisation step of ``stage`` on a P x K batch; returns the detached losses (averaged over ranks)."""
+    ext, model, gen = nets.extractor, nets.model, nets.mask_model
+    ext_params = [p for p in nets.train_model.parameters() if p.requires_grad]
+    gen_params = [p for p in nets.mask_generator.parameters() if p.requires_grad]
     nets.opt_extractor.zero_grad(set_to_none=True)
     nets.opt_mask.zero_grad(set_to_none=True)
+    # The mask losses read the extractor outside DDP: they update only the mask generator.
+    features = lambda x: ext.forward_neck(x)[0]  # noqa: E731
     with _autocast(config, device):
         if stage == 1:
-            losses = {"loss_triplet": triplet_loss(ext(images), pids, config.margin, config.soft_margin)}
+            ((feat, logits),) = model(images)
+            # Batch-hard mining over the global batch under torchrun, as one process would see it.
+            triplet = triplet_loss(*distributed.gather_batch(feat, pids), config.margin, config.soft_margin)
+            losses = {"loss_extractor": triplet, "loss_triplet": triplet}
+            ident = _id_loss(logits, pids, nets, config)
+            if ident is not None:
+                losses.update(loss_extractor=triplet + config.id_loss_weight * ident, loss_id=ident)
         elif stage == 2:
             with torch.no_grad():
-                clean = ext(images)
+                clean = features(images)
             mask = gen(images)  # (B, 1, H, W)
-            losses = mask_loss(clean, ext(mask * images), mask, config.lambda2)
+            losses = mask_loss(clean, features(mask * images), mask, config.lambda2)
         else:
             mask = gen(images)
-            clean = ext(images)
-            hidden = hide_top(images, mask.detach(), config.mask_ratio)
-            losses = extractor_loss(clean, ext(hidden), pids, config.lambda1, config.margin, config.soft_margin)
+            hidden = hide_top(images, mask.detach(), config.model.mask_ratio)
+            (clean, clean_logits), (masked, masked_logits) = model(images, hidden)
+            all_clean, all_pids = distributed.gather_batch(clean, pids)
+            all_masked, _ = distributed.gather_batch(masked, pids)
+            losses = extractor_loss(
+                all_clean,
+                all_masked,
+                all_pids,
+                config.lambda1,
+                config.margin,
+                config.soft_margin,
+                _id_loss(clean_logits, pids, nets, config),
+                _id_loss(masked_logits, pids, nets, config),
+                config.id_loss_weight,
+            )
             # L_mask uses the extractor but must not update it, buffers included: the running statistics
             # are put back after the backward passes (autograd checks they are unchanged until then).
             bn_stats = {k: v.clone() for k, v in ext.named_buffers()}
-            losses.update(mask_loss(clean.detach(), ext(mask * images), mask, config.lambda2))
+            losses.update(mask_loss(clean.detach(), features(mask * images), mask, config.lambda2))
     _check_finite(losses)
     if stage in (1, 3):
-        _backward(losses["loss_triplet" if stage == 1 else "loss_extractor"], ext_params, nets)
+        _backward(losses["loss_extractor"], ext_params, nets)
     if stage in (2, 3):
         _backward(losses["loss_mask"], gen_params, nets)
     if stage == 3:
@@ -185,7 +285,7 @@ def training_step(
         _step(nets.opt_mask, nets)
     if nets.scaler:
         nets.scaler.update()
-    return {k: v.detach() for k, v in losses.items()}
+    return distributed.mean_over_ranks({k: v.detach() for k, v in losses.items()})
 
 
 def train_one_epoch(
@@ -197,7 +297,7 @@ def train_one_epoch(
     progress: Callable[[Iterable], Iterable] | None = None,
     epoch: int = 0,
 ) -> dict[str, float]:
-    """One epoch of ``stage`` (``epoch`` counts this stage's epochs done before it, for the warm-up);
+    """One epoch of ``stage`` (``epoch`` counts this stage's epochs done before it, for the lr schedule);
     returns the mean of each loss over the batches."""
     set_stage_modes(stage, nets, config.freeze_blocks)
     steps = len(loader) if hasattr(loader, "__len__") else 1
@@ -205,7 +305,7 @@ def train_one_epoch(
     count = 0
     for images, pids, _camids, _index in progress(loader) if progress else loader:
         for group in nets.opt_extractor.param_groups:
-            group["lr"] = config.lr * warmup_factor(config, stage, epoch, count, steps)
+            group["lr"] = config.lr * lr_factor(config, stage, epoch, count, steps)
         images, pids = images.to(device, non_blocking=True), pids.to(device, non_blocking=True)
         if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -218,18 +318,14 @@ def train_one_epoch(
 
 @torch.no_grad()
 def extract_features(
-    extractor: nn.Module, loader: Iterable[Batch], device: torch.device, flip: bool = False
+    extractor: nn.Module, loader: Iterable[Batch], device: torch.device
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Templates of the extractor in eval mode: (N, feat_dim), pids (N,), camids (N,)."""
+    """Served templates (the extractor's eval forward): (N, feat_dim), pids (N,), camids (N,)."""
     was_training = extractor.training
     extractor.eval()
     feats, pids, camids = [], [], []
     for images, pid, camid, _index in loader:
-        images = images.to(device)
-        f = extractor(images).float()
-        if flip:
-            f = (f + extractor(images.flip(-1)).float()) / 2
-        feats.append(f.cpu())
+        feats.append(extractor(images.to(device)).float().cpu())
         pids.append(torch.as_tensor(pid))
         camids.append(torch.as_tensor(camid))
     extractor.train(was_training)
@@ -241,15 +337,18 @@ def evaluate(
     query_loader: Iterable[Batch],
     gallery_loader: Iterable[Batch],
     device: torch.device,
-    flip: bool = False,
+    rerank: bool = False,
 ) -> dict[str, float]:
-    """mAP, rank-1/5/10 and mINP in percent, both protocols (see ``evaluate_features``)."""
-    qf, q_pids, q_camids = extract_features(extractor, query_loader, device, flip)
-    gf, g_pids, g_camids = extract_features(extractor, gallery_loader, device, flip)
-    return evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids)
+    """mAP, rank-1/5/10 and mINP in percent, both protocols (see ``evaluate_features``); with ``rerank`` also
+    the standard protocol's figures after k-reciprocal re-ranking, prefixed ``rerank_``."""
+    qf, q_pids, q_camids = extract_features(extractor, query_loader, device)
+    gf, g_pids, g_camids = extract_features(extractor, gallery_loader, device)
+    return evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, rerank=rerank)
 
 
 def checkpoint_state(nets: Networks, config: TrainConfig, state: RunState) -> dict[str, Any]:
+    """Tensors, numbers, strings, lists and dicts only, so ``torch.load(weights_only=True)`` reads it."""
+    head = {k: v for k, v in nets.train_model.state_dict().items() if not k.startswith("extractor.")}
     return {
         "config": config.to_dict(),
         "stage": state.stage,
@@ -257,6 +356,7 @@ def checkpoint_state(nets: Networks, config: TrainConfig, state: RunState) -> di
         "best_map": state.best_map,
         "history": state.history,
         "extractor": _unwrap(nets.extractor).state_dict(),
+        "classifier": head,
         "mask_generator": _unwrap(nets.mask_generator).state_dict(),
         "opt_extractor": nets.opt_extractor.state_dict(),
         "opt_mask": nets.opt_mask.state_dict(),
@@ -269,6 +369,10 @@ def restore(path: Path, nets: Networks) -> RunState:
     """Load a ``last.pt`` into the networks and optimisers; returns where the run stood."""
     ckpt = load_checkpoint(path)
     nets.extractor.load_state_dict(ckpt["extractor"])
+    head = nets.train_model.state_dict()
+    head.update({k: v for k, v in ckpt.get("classifier", {}).items()})
+    head.update({f"extractor.{k}": v for k, v in ckpt["extractor"].items()})
+    nets.train_model.load_state_dict(head)
     nets.mask_generator.load_state_dict(ckpt["mask_generator"])
     nets.opt_extractor.load_state_dict(ckpt["opt_extractor"])
     nets.opt_mask.load_state_dict(ckpt["opt_mask"])
@@ -285,6 +389,7 @@ class Loaders:
     gallery: Iterable[Batch]
     sampler: Any = None  # has set_epoch(epoch) when it is the P x K sampler
     figure_images: torch.Tensor | None = None  # (N, 3, H, W) normalised crops for the figure-1 grid
+    train_pids: list[int] | None = None  # the training identities, for the ID loss's classifier
 
 
 def _write_log(out: Path, history: list[dict[str, Any]]) -> None:
@@ -322,7 +427,7 @@ def run_stage(
         row["epoch_seconds"] = time.perf_counter() - started  # training only, evaluation excluded
         due = config.eval_every > 0 and state.epoch % config.eval_every == 0
         if (due or state.epoch == total) and is_main:
-            row.update(evaluate(nets.extractor, loaders.query, loaders.gallery, device, config.flip_eval))
+            row.update(evaluate(nets.extractor, loaders.query, loaders.gallery, device, config.rerank))
         logger.info(
             "stage %d epoch %d/%d %s",
             stage,
@@ -353,7 +458,7 @@ def fit(
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    nets = nets or build_networks(config, device)
+    nets = nets or build_networks(config, device, loaders.train_pids)
     state = RunState(stage=config.stages[0])
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -110,10 +110,154 @@ def evaluate_features(
     g_pids: np.ndarray,
     q_camids: np.ndarray,
     g_camids: np.ndarray,
+    rerank: bool = False,
 ) -> dict[str, float]:
     """Both protocols, in percent: keys mAP, rank1, rank5, rank10, mINP (standard) and the same with an
-    ``all_`` prefix (no same-camera removal; the query image itself is never in the gallery)."""
+    ``all_`` prefix (no same-camera removal; the query image itself is never in the gallery); with ``rerank``
+    also the standard protocol after k-reciprocal re-ranking, with a ``rerank_`` prefix."""
     distmat = euclidean_distmat(q_feats, g_feats).cpu().numpy()
     standard = rank_metrics(distmat, q_pids, g_pids, q_camids, g_camids, remove_junk=True)
     loose = rank_metrics(distmat, q_pids, g_pids, q_camids, g_camids, same_camera_removal=False, remove_junk=True)
-    return {**standard.figures(), **loose.figures("all_")}
+    figures = {**standard.figures(), **loose.figures("all_")}
+    if rerank:
+        reranked = k_reciprocal_rerank(q_feats, g_feats)
+        figures.update(rank_metrics(reranked, q_pids, g_pids, q_camids, g_camids, remove_junk=True).figures("rerank_"))
+    return figures
+
+
+def _blocked_knn(feats: torch.Tensor, k: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(initial_rank (N, k) of each row's k nearest, nearest first, itself included; each row's largest squared
+    distance (N,)), one block of rows at a time: memory O(block * N)."""
+    n = len(feats)
+    ranks, row_max = np.empty((n, k), dtype=np.int64), np.empty(n, dtype=np.float64)
+    for start in range(0, n, block):
+        d = euclidean_distmat(feats[start : start + block], feats)  # (b, N)
+        d[torch.arange(len(d)), torch.arange(start, start + len(d))] = 0.0  # exact zero to itself
+        row_max[start : start + len(d)] = d.max(1).values.double().numpy()
+        _, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
+        ranks[start : start + len(d)] = idx.numpy()
+    return ranks, row_max
+
+
+def k_reciprocal_neighbors(initial_rank: np.ndarray, i: int, k: int) -> np.ndarray:
+    """R(i, k): the j among i's k nearest (itself included) that have i among their own k nearest."""
+    forward = initial_rank[i, : k + 1]
+    backward = initial_rank[forward, : k + 1]
+    return forward[np.any(backward == i, axis=1)]
+
+
+def k_reciprocal_rerank(
+    q_feats: torch.Tensor,
+    g_feats: torch.Tensor,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    block: int = 2048,
+) -> np.ndarray:
+    """k-reciprocal re-ranking (Zhong et al., "Re-ranking Person Re-identification with k-reciprocal Encoding",
+    CVPR 2017; the authors' defaults k1 = 20, k2 = 6, lambda = 0.3): (Q, G) distances
+    ``(1 - lambda) * d_Jaccard + lambda * d``, d the squared Euclidean distance divided by its query's largest.
+
+    The authors' code holds (Q+G)^2 matrices; here the distances are computed a block of rows at a time (only
+    each row's k1 + 1 nearest are kept) and the encodings V are sparse (a row's non-zeros are its expanded
+    k-reciprocal set), so memory grows as (Q+G) * k1 plus the (Q, G) result.
+    """
+    import scipy.sparse as sp
+
+    if not 0.0 <= lambda_value <= 1.0 or k1 < 1 or not 1 <= k2 <= k1 + 1:
+        raise ValueError(f"re-ranking needs 1 <= k2 <= k1 + 1 and lambda in [0, 1], got {k1}, {k2}, {lambda_value}")
+    feats = torch.cat([q_feats, g_feats]).float().cpu()  # (N, D)
+    num_q, n = len(q_feats), len(q_feats) + len(g_feats)
+    k1 = min(k1, n - 1)
+    half = int(np.around(k1 / 2.0))
+    initial_rank, row_max = _blocked_knn(feats, k1 + 1, block)
+    rows, cols, vals = [], [], []
+    for i in range(n):
+        reciprocal = k_reciprocal_neighbors(initial_rank, i, k1)
+        expansion = [reciprocal]
+        for candidate in reciprocal:
+            cand = k_reciprocal_neighbors(initial_rank, int(candidate), half)
+            if len(np.intersect1d(cand, reciprocal)) > 2.0 / 3 * len(cand):
+                expansion.append(cand)
+        members = np.unique(np.concatenate(expansion))
+        d = euclidean_distmat(feats[i : i + 1], feats[members])[0].double().numpy() / max(row_max[i], 1e-12)
+        weight = np.exp(-d)
+        rows.append(np.full(len(members), i))
+        cols.append(members)
+        vals.append(weight / weight.sum())
+    v = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    if k2 > 1:  # local query expansion: each encoding is the mean of its k2 nearest's
+        nearest = initial_rank[:, :k2]
+        expand = sp.csr_matrix(
+            (np.full(nearest.size, 1.0 / k2), (np.repeat(np.arange(n), k2), nearest.ravel())), (n, n)
+        )
+        v = (expand @ v).tocsr()
+    v_gallery = v[num_q:].tocsc()  # columns = encoding dimensions, rows = gallery images
+    final = np.empty((num_q, n - num_q), dtype=np.float64)
+    for start in range(0, num_q, block):
+        q = slice(start, min(start + block, num_q))
+        d = euclidean_distmat(feats[q], feats[num_q:]).double().numpy() / np.maximum(row_max[q, None], 1e-12)
+        # sum_c min(V_qc, V_gc) over the shared non-zero dimensions c, as a sparse "min-product".
+        overlap = _min_product(v[q], v_gallery)
+        jaccard = 1.0 - overlap / (2.0 - overlap)
+        final[q] = (1.0 - lambda_value) * jaccard + lambda_value * d
+    return final
+
+
+def _min_product(a, b_csc) -> np.ndarray:
+    """(A.rows, B.rows) matrix of sum_c min(A[i, c], B[j, c]) for sparse non-negative A (CSR) and B (CSC over c)."""
+    out = np.zeros((a.shape[0], b_csc.shape[0]), dtype=np.float64)
+    for i in range(a.shape[0]):
+        start, end = a.indptr[i], a.indptr[i + 1]
+        for c, value in zip(a.indices[start:end], a.data[start:end], strict=True):
+            lo, hi = b_csc.indptr[c], b_csc.indptr[c + 1]
+            if lo < hi:
+                out[i, b_csc.indices[lo:hi]] += np.minimum(value, b_csc.data[lo:hi])
+    return out
+
+
+def pair_distances(
+    q_feats: torch.Tensor,
+    g_feats: torch.Tensor,
+    q_pids: np.ndarray,
+    g_pids: np.ndarray,
+    q_camids: np.ndarray,
+    g_camids: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(genuine, impostor) Euclidean distances between query and gallery templates taken by different cameras
+    (same pid / different pids); junk (pid < 0) is left out."""
+    d = euclidean_distmat(q_feats, g_feats).sqrt().cpu().numpy()
+    q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
+    cross = np.asarray(q_camids)[:, None] != np.asarray(g_camids)[None, :]
+    valid = cross & (q_pids[:, None] >= 0) & (g_pids[None, :] >= 0)
+    same = q_pids[:, None] == g_pids[None, :]
+    return d[valid & same], d[valid & ~same]
+
+
+def calibrate_thresholds(
+    genuine: np.ndarray, impostor: np.ndarray, fmrs: tuple[float, ...] = (1e-2, 1e-3)
+) -> list[dict[str, float]]:
+    """For each target false-match rate, the largest distance threshold t (a pair matches when its distance is
+    <= t) whose share of impostor pairs matching is at most the target, and the true-match rate there:
+    ``[{"fmr": target, "distance": t, "tmr": share of genuine pairs <= t}, ...]``."""
+    genuine, impostor = np.sort(np.asarray(genuine, dtype=np.float64)), np.sort(np.asarray(impostor, dtype=np.float64))
+    if not len(genuine) or not len(impostor):
+        raise ValueError(
+            f"threshold calibration needs genuine and impostor pairs, got {len(genuine)} and {len(impostor)}"
+        )
+    out = []
+    for fmr in fmrs:
+        if not 0.0 < fmr < 1.0:
+            raise ValueError(f"target false-match rates must be in (0, 1), got {fmr}")
+        allowed = int(np.floor(fmr * len(impostor)))  # impostor pairs that may match
+        # Just below the first impostor that must not match: exactly ``allowed`` match (fewer on ties).
+        threshold = float(np.nextafter(impostor[allowed], -np.inf))
+        tmr = float(np.searchsorted(genuine, threshold, side="right") / len(genuine))
+        out.append({"fmr": fmr, "distance": threshold, "tmr": tmr})
+        if allowed == 0:
+            logger.warning(
+                "only %d impostor pairs: FMR %g is below one pair, the threshold is the smallest impostor distance",
+                len(impostor),
+                fmr,
+            )
+    return out

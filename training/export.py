@@ -1,9 +1,11 @@
-"""Export: the trained networks in the models' weights format (evaluation figures in the provenance),
-and the extractor as ONNX with a dynamic batch axis, checked against PyTorch."""
+"""Export: the trained networks in the models' weights format (evaluation figures and the calibrated open-set
+thresholds in the provenance), and the extractor as ONNX with a dynamic batch axis, checked against PyTorch."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +15,27 @@ import torch
 from models import FeatureExtractor, MaskGenerator, ModelConfig, save_weights
 from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
+from training.evaluation import calibrate_thresholds, pair_distances
 
 logger = logging.getLogger(__name__)
 
+# Target false-match rates of the calibrated thresholds; the service's default threshold is the first one's.
+THRESHOLD_FMRS = (1e-2, 1e-3)
+
 
 def networks_from_run(
-    run_dir: str | Path, which: str = "best"
+    run_dir: str | Path, which: str = "last"
 ) -> tuple[FeatureExtractor, MaskGenerator | None, dict[str, Any]]:
-    """The networks of ``run_dir/{best,last}.pt`` (best falls back to last) and a provenance dict. The mask
-    generator is None when the checkpoint comes from before stage 2: it was never trained, and a service
-    serving its masks would show noise as attention."""
+    """The networks of ``run_dir/{last,best}.pt`` and a provenance dict. ``last`` is the default: the best-on-val
+    checkpoint can be an earlier stage without a trained mask generator, and choosing on val inflates the
+    figures. The mask generator is None when the checkpoint comes from before stage 2: it was never trained,
+    and a service serving its masks would show noise as attention."""
     run_dir = Path(run_dir)
+    if which not in ("last", "best"):
+        raise ValueError(f"unknown checkpoint {which!r}; choose last or best")
     path = run_dir / f"{which}.pt"
-    if which == "best" and not path.is_file():
-        path = run_dir / "last.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint in {run_dir}: expected best.pt or last.pt")
+        raise FileNotFoundError(f"no checkpoint {path.name} in {run_dir}")
     ckpt = load_checkpoint(path)
     config = TrainConfig.from_dict(ckpt["config"])
     model_config = config.model_config()
@@ -41,6 +48,7 @@ def networks_from_run(
     evaluated = [r for r in ckpt["history"] if "mAP" in r]
     provenance = {
         "dataset": config.dataset,
+        "recipe": config.recipe,
         "checkpoint": path.name,
         "stage": ckpt["stage"],
         "epoch": ckpt["epoch"],
@@ -51,20 +59,75 @@ def networks_from_run(
     return extractor.eval(), mask_generator.eval() if mask_generator else None, provenance
 
 
+def threshold_provenance(
+    extractor: FeatureExtractor,
+    query: Iterable,
+    gallery: Iterable,
+    device: torch.device | str = "cpu",
+    fmrs: tuple[float, ...] = THRESHOLD_FMRS,
+) -> dict[str, Any]:
+    """The provenance entries of the open-set threshold, calibrated on the validation split's cross-camera
+    query-gallery pairs (Euclidean distances between served templates, the service's space):
+    ``thresholds`` = [{"fmr", "distance", "tmr"}, ...], ``threshold_split`` = "val" and the pair counts."""
+    from training.engine import extract_features
+
+    device = torch.device(device)
+    qf, q_pids, q_camids = extract_features(extractor.to(device), query, device)
+    gf, g_pids, g_camids = extract_features(extractor, gallery, device)
+    genuine, impostor = pair_distances(qf, gf, q_pids, g_pids, q_camids, g_camids)
+    thresholds = calibrate_thresholds(genuine, impostor, fmrs)
+    logger.info("thresholds on val (%d genuine, %d impostor pairs): %s", len(genuine), len(impostor), thresholds)
+    return {
+        "thresholds": thresholds,
+        "threshold_split": "val",
+        "threshold_pairs": {"genuine": len(genuine), "impostor": len(impostor)},
+    }
+
+
 def export_weights(
     source: str | Path | tuple[FeatureExtractor, MaskGenerator | None],
     path: str | Path,
     provenance: dict[str, Any] | None = None,
+    which: str = "last",
+    calibrate: bool = True,
+    root: str | Path | None = None,
 ) -> Path:
-    """Write the app's weights file from a run folder or from (extractor, mask_generator)."""
+    """Write the app's weights file from a run folder (its ``which`` checkpoint) or from (extractor,
+    mask_generator). From a run, ``calibrate`` adds the open-set thresholds from the run's validation split
+    (the run's data set, or the one under ``root``)."""
     if isinstance(source, (str, Path)):
-        extractor, mask_generator, run_provenance = networks_from_run(source)
+        extractor, mask_generator, run_provenance = networks_from_run(source, which)
         provenance = {**run_provenance, **(provenance or {})}
+        if calibrate:
+            config = TrainConfig.from_dict(load_checkpoint(Path(source) / f"{which}.pt")["config"])
+            if root is not None:
+                config = dataclasses.replace(config, root=str(root))
+            query, gallery = val_loaders(config)
+            provenance.update(threshold_provenance(extractor, query, gallery))
     else:
         extractor, mask_generator = source
     path = save_weights(path, extractor, mask_generator, provenance or {})
     logger.info("wrote weights %s", path)
     return path
+
+
+def val_loaders(config: TrainConfig, model_config: ModelConfig | None = None, workers: int = 0) -> tuple[Any, Any]:
+    """Query and gallery loaders of ``config``'s data set with the served pre-processing."""
+    from models import build_eval_transform
+    from training.data import ImageDataset, build_dataset
+
+    if not Path(config.root).exists():
+        raise FileNotFoundError(
+            f"data set root {config.root} does not exist: the thresholds are calibrated on its val split "
+            "(give the data with --root, or export without thresholds)"
+        )
+    dataset = build_dataset(config.dataset, config.root, **config.dataset_kwargs)
+    transform = build_eval_transform(model_config or config.model_config())
+    kw = dict(batch_size=128, shuffle=False, num_workers=workers)
+    return (
+        torch.utils.data.DataLoader(ImageDataset(dataset.query, transform), **kw),
+        torch.utils.data.DataLoader(ImageDataset(dataset.gallery, transform), **kw),
+    )
 
 
 def export_onnx(

@@ -1,5 +1,6 @@
 """The paper's losses (section 2.2): batch-hard triplet loss, and the mask generator's identity,
-sparsity and contiguity losses (equations 3-6)."""
+sparsity and contiguity losses (equations 3-6); and the strong recipe's ID loss (cross-entropy with label
+smoothing, Szegedy et al. 2016, as Luo et al. use it for re-ID)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ def triplet_loss(
     return F.relu(gap + margin).mean()
 
 
+def id_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Cross-entropy over the training identities, (B, num_classes) logits and (B,) labels in [0, num_classes);
+    the target is 1 - eps + eps / N on the true class and eps / N elsewhere (torch's ``label_smoothing``)."""
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+
 def identity_loss(clean_features: torch.Tensor, masked_features: torch.Tensor) -> torch.Tensor:
     """Equation 3: mse(F(a), F(M(a) * a)), averaged over the batch and the feature dimensions."""
     return F.mse_loss(masked_features.float(), clean_features.float())
@@ -79,9 +86,16 @@ def extractor_loss(
     lambda1: float = 0.9,
     margin: float = 0.3,
     soft_margin: bool = False,
+    clean_id: torch.Tensor | None = None,
+    masked_id: torch.Tensor | None = None,
+    id_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """lambda1 * L_triplet(clean) + (1 - lambda1) * L_triplet(masked), section 2.2."""
+    """lambda1 * L(clean) + (1 - lambda1) * L(masked), section 2.2, with L = L_triplet (the paper's) or, given the
+    ID losses of both views, L_triplet + id_weight * L_id (the strong recipe)."""
     clean = triplet_loss(clean_features, pids, margin, soft_margin)
     masked = triplet_loss(masked_features, pids, margin, soft_margin)
-    total = lambda1 * clean + (1.0 - lambda1) * masked
-    return {"loss_extractor": total, "loss_triplet": clean, "loss_triplet_masked": masked}
+    out = {"loss_triplet": clean, "loss_triplet_masked": masked}
+    if clean_id is not None and masked_id is not None:
+        out.update(loss_id=clean_id, loss_id_masked=masked_id)
+        clean, masked = clean + id_weight * clean_id, masked + id_weight * masked_id
+    return {"loss_extractor": lambda1 * clean + (1.0 - lambda1) * masked, **out}

@@ -1,11 +1,12 @@
-"""PNG pictures of a run: the loss and figure curves, and a grid like the paper's figure 1
-(crops, their generated masks, and the crops with the top 30% of the mask hidden)."""
+"""PNG pictures of a run: the loss and figure curves, a grid like the paper's figure 1 (crops, their generated
+masks, and the crops with the top 30% of the mask hidden), and the genuine and impostor distance histograms."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from models import ModelConfig, denormalize, hide_top
@@ -52,4 +53,30 @@ def mask_grid(mask_generator: torch.nn.Module, images: torch.Tensor, config: Mod
     hidden = denormalize(hide_top(images.float(), mask, config.mask_ratio), config)
     grid = torch.cat([crops, mask.expand(-1, 3, -1, -1), hidden])
     save_image(grid.cpu(), path, nrow=len(images), padding=2)
+    return path
+
+
+def distance_histograms(
+    genuine: np.ndarray, impostor: np.ndarray, thresholds: list[dict[str, float]], path: Path
+) -> Path:
+    """The Euclidean distances of genuine and impostor pairs (each normalised to its own count), with a
+    vertical line at each calibrated threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bins = np.linspace(0.0, float(max(genuine.max(), impostor.max())) * 1.02, 80)
+    ax.hist(impostor, bins=bins, density=True, alpha=0.5, label=f"impostor pairs ({len(impostor)})")
+    ax.hist(genuine, bins=bins, density=True, alpha=0.5, label=f"genuine pairs ({len(genuine)})")
+    for t in thresholds:
+        ax.axvline(t["distance"], color="k", linestyle="--", linewidth=1)
+        ax.text(t["distance"], ax.get_ylim()[1] * 0.9, f" FMR {t['fmr']:g}\n TMR {t['tmr']:.2f}", fontsize=7)
+    ax.set(xlabel="Euclidean distance between templates", ylabel="density", title="cross-camera pairs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path

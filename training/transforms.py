@@ -1,4 +1,5 @@
-"""Section 3.2's pre-processing: resize to 234 x 117, random 224 x 112 crop, horizontal flip, ImageNet normalisation.
+"""Section 3.2's pre-processing: resize to 234 x 117, random 224 x 112 crop, horizontal flip, ImageNet normalisation;
+the strong recipe adds random erasing (Zhong et al., "Random Erasing Data Augmentation", AAAI 2020).
 
 Evaluation resizes straight to the input size (``build_eval_transform``, re-exported from ``models``).
 """
@@ -25,15 +26,22 @@ def train_resize(input_size: tuple[int, int]) -> tuple[int, int]:
     return (round(input_size[0] * PAPER_RESIZE_RATIO), round(input_size[1] * PAPER_RESIZE_RATIO))
 
 
+# torchvision's (and the paper's) ranges of the erased rectangle: its share of the area and its aspect ratio.
+ERASING_SCALE = (0.02, 0.33)
+ERASING_RATIO = (0.3, 3.3)
+
+
 def build_train_transform(
-    config: ModelConfig, resize: tuple[int, int] | None = None, flip_p: float = 0.5
+    config: ModelConfig, resize: tuple[int, int] | None = None, flip_p: float = 0.5, erasing_p: float = 0.0
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL RGB image -> (3, H, W) float tensor: resize, random crop to ``config.input_size``, flip, normalise."""
+    """PIL RGB image -> (3, H, W) float tensor: resize, random crop to ``config.input_size``, flip, normalise, and
+    with probability ``erasing_p`` one random rectangle set to 0 (the mean pixel, after the normalisation)."""
     resize = train_resize(config.input_size) if resize is None else tuple(resize)
     if resize[0] < config.input_height or resize[1] < config.input_width:
         raise ValueError(f"resize {resize} must be at least the input size {config.input_size} to crop from")
-    if not 0.0 <= flip_p <= 1.0:
-        raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+    if not 0.0 <= flip_p <= 1.0 or not 0.0 <= erasing_p <= 1.0:
+        raise ValueError(f"flip_p and erasing_p must be in [0, 1], got {flip_p}, {erasing_p}")
+    erasing = [v2.RandomErasing(p=erasing_p, scale=ERASING_SCALE, ratio=ERASING_RATIO, value=0)] if erasing_p else []
     return v2.Compose(
         [
             v2.ToImage(),
@@ -42,8 +50,16 @@ def build_train_transform(
             v2.RandomHorizontalFlip(p=flip_p),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(config.mean), std=list(config.std)),
+            *erasing,
         ]
     )
 
 
-__all__ = ["PAPER_RESIZE_RATIO", "build_eval_transform", "build_train_transform", "train_resize"]
+__all__ = [
+    "ERASING_RATIO",
+    "ERASING_SCALE",
+    "PAPER_RESIZE_RATIO",
+    "build_eval_transform",
+    "build_train_transform",
+    "train_resize",
+]

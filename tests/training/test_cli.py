@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from models import ModelConfig
 from tests.training.test_engine import SMALL, BlobIds, _pk_batches
-from training.cli import build_parser, main
+from training.cli import build_parser, config_from_args, main
 from training.config import TrainConfig
 from training.engine import Loaders, fit
 
@@ -54,11 +56,53 @@ def test_every_flag_has_help_and_defaults_are_the_papers() -> None:
     for sub in parser._subparsers._group_actions[0].choices.values():
         for action in sub._actions:
             assert action.help, action.dest
-    args = parser.parse_args(["fit", "--root", "x"])
-    config = TrainConfig()
-    assert args.epochs == (50, 25, 100) == config.epochs
-    assert (args.p, args.k, args.lr, args.margin, args.lambda1, args.lambda2) == (20, 3, 2e-4, 0.3, 0.9, 0.95)
-    assert config.mask_lr == 1e-3 and config.mask_ratio == 0.3 and config.backbone == "resnet50"
+    config = config_from_args(parser.parse_args(["fit", "--root", "x"]))
+    assert config.epochs == (50, 25, 100)
+    assert (config.p, config.k, config.lr, config.margin, config.lambda1, config.lambda2) == (
+        20,
+        3,
+        2e-4,
+        0.3,
+        0.9,
+        0.95,
+    )
+    assert config.mask_lr == 1e-3 and config.model.mask_ratio == 0.3 and config.model == ModelConfig()
+    assert (config.id_loss_weight, config.random_erasing, config.warmup_epochs, config.lr_schedule) == (
+        0,
+        0,
+        0,
+        "constant",
+    )
+    assert dataclasses.replace(config, root="data", dataset_kwargs={}, workers=4) == TrainConfig(root="data", workers=4)
+
+
+def test_every_setting_of_both_dataclasses_is_a_flag() -> None:
+    """The flags are derived from TrainConfig and ModelConfig: a new field is a new flag, typed once."""
+    fit = build_parser()._subparsers._group_actions[0].choices["fit"]
+    dests = {a.dest for a in fit._actions}
+    settings = {f.name for cls in (TrainConfig, ModelConfig) for f in dataclasses.fields(cls)}
+    assert settings - dests == {"model", "dataset_kwargs", "mean", "std"}
+
+
+def test_strong_recipe_flags_and_per_piece_overrides() -> None:
+    parser = build_parser()
+    strong = config_from_args(parser.parse_args(["fit", "--root", "x", "--recipe", "strong"]))
+    assert strong.recipe == "strong" and strong.model.bnneck and strong.model.neck_feat == "after"
+    assert strong.model.normalize and strong.model.flip_average and strong.model.last_stride == 1
+    assert (strong.id_loss_weight, strong.label_smoothing, strong.random_erasing) == (1.0, 0.1, 0.5)
+    assert strong.warmup_epochs > 0 and strong.lr_schedule == "cosine"
+    # each piece is its own flag, over either recipe, and the masks (stages 2, 3) stay with either
+    argv = ["fit", "--root", "x", "--recipe", "strong", "--no-bnneck", "--neck-feat", "before", "--random-erasing", "0"]
+    mixed = config_from_args(parser.parse_args([*argv, "--lr-schedule", "step", "--stages", "1,2,3"]))
+    assert not mixed.model.bnneck and mixed.random_erasing == 0 and mixed.lr_schedule == "step"
+    assert mixed.id_loss_weight == 1.0 and mixed.stages == (1, 2, 3)
+    paper = config_from_args(parser.parse_args(["fit", "--root", "x", "--bnneck", "--id-loss-weight", "1"]))
+    assert paper.recipe == "paper" and paper.model.bnneck and paper.id_loss_weight == 1 and paper.label_smoothing == 0
+
+
+def test_serving_after_the_bnneck_without_one_is_refused(tmp_path, capsys) -> None:
+    code, err = _run(["fit", "--root", str(tmp_path), "--neck-feat", "after"], capsys)
+    assert code == 2 and "needs bnneck=True" in err
 
 
 def _loaders(config: TrainConfig) -> Loaders:

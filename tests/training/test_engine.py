@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from models import ModelConfig
 from training.config import TrainConfig
 from training.engine import Loaders, build_networks, evaluate, fit, set_stage_modes, training_step
 from training.losses import extractor_loss, mask_loss
 
+SMALL_MODEL = ModelConfig(
+    backbone="resnet18", input_height=64, input_width=32, feat_dim=64, unet_base_width=4, unet_levels=3
+)
 SMALL = dict(
-    backbone="resnet18",
-    input_height=64,
-    input_width=32,
-    feat_dim=64,
-    unet_base_width=4,
-    unet_levels=3,
+    model=SMALL_MODEL,
     device="cpu",
     workers=0,
     p=4,
@@ -217,7 +218,7 @@ def test_stage3_mask_loss_forward_leaves_the_extractors_bn_statistics() -> None:
     with torch.no_grad():
         mask = gen_copy(images)
         ext_copy(images)
-        ext_copy(hide_top(images, mask, config.mask_ratio))
+        ext_copy(hide_top(images, mask, config.model.mask_ratio))
     training_step(3, images, pids, nets, config, torch.device("cpu"))
     expected = dict(ext_copy.named_buffers())
     for name, value in nets.extractor.named_buffers():
@@ -246,15 +247,32 @@ def test_freeze_blocks_beyond_the_trunk_is_refused() -> None:
         build_networks(TrainConfig(**SMALL, freeze_blocks=6), torch.device("cpu"))
 
 
-def test_warmup_rises_linearly_from_a_tenth_over_stage_1_only() -> None:
-    from training.engine import warmup_factor
+def test_warmup_rises_linearly_from_a_tenth_then_the_papers_lr_stays() -> None:
+    from training.engine import lr_factor
 
     config = TrainConfig(**SMALL, warmup_epochs=2)
-    assert warmup_factor(config, 1, 0, 0, 10) == pytest.approx(0.1)
-    assert warmup_factor(config, 1, 1, 0, 10) == pytest.approx(0.55)  # half way through the 20 warm-up steps
-    assert warmup_factor(config, 1, 2, 0, 10) == 1.0
-    assert warmup_factor(config, 3, 0, 0, 10) == 1.0
-    assert warmup_factor(TrainConfig(**SMALL), 1, 0, 0, 10) == 1.0
+    assert lr_factor(config, 1, 0, 0, 10) == pytest.approx(0.1)
+    assert lr_factor(config, 1, 1, 0, 10) == pytest.approx(0.55)  # half way through the 20 warm-up steps
+    assert lr_factor(config, 1, 2, 0, 10) == 1.0
+    assert lr_factor(config, 3, 0, 0, 10) == 1.0
+    assert lr_factor(TrainConfig(**SMALL), 1, 0, 0, 10) == 1.0
+
+
+def test_cosine_and_step_decay_run_over_the_extractors_epochs_of_stages_1_and_3() -> None:
+    from training.engine import lr_factor
+
+    cosine = TrainConfig(**SMALL, epochs=(5, 3, 4), warmup_epochs=1, lr_schedule="cosine")  # 9 extractor epochs
+    assert lr_factor(cosine, 1, 1, 0, 10) == pytest.approx(1.0)  # the warm-up's end
+    assert lr_factor(cosine, 1, 4, 5, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3.5 / 8)))
+    assert lr_factor(cosine, 2, 1, 0, 10) == 1.0  # stage 2 does not train the extractor
+    assert lr_factor(cosine, 3, 0, 0, 10) == pytest.approx(0.5)  # goes on where stage 1 stopped
+    assert lr_factor(cosine, 3, 3, 10, 10) == pytest.approx(0.0, abs=1e-12)
+    step = TrainConfig(**SMALL, epochs=(4, 1, 4), lr_steps=(2, 5), lr_schedule="step")
+    assert [lr_factor(step, 1, e, 3, 10) for e in range(4)] == pytest.approx([1, 1, 0.1, 0.1])
+    assert [lr_factor(step, 3, e, 0, 10) for e in range(3)] == pytest.approx([0.1, 0.01, 0.01])
+    # A stage-1 run that stops before stage 3 follows the same curve: rows may fork after it.
+    alone = dataclasses.replace(cosine, stages=(1,))
+    assert all(lr_factor(alone, 1, e, 0, 10) == lr_factor(cosine, 1, e, 0, 10) for e in range(5))
 
 
 def test_train_one_epoch_applies_the_warmup_to_the_extractor_lr() -> None:

@@ -1,14 +1,19 @@
-"""Export for the app (re-load gives identical features) and ONNX parity with PyTorch."""
+"""Export for the app (the last checkpoint by default, re-load gives identical features, thresholds calibrated in
+the served space), checkpoints refused unless weights_only can read them, and ONNX parity with PyTorch."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 from models import ModelConfig, build_extractor, build_mask_generator, load_weights, read_metadata
-from training.checkpoint import save_checkpoint
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig
-from training.export import export_onnx, export_weights, onnx_max_difference
+from training.engine import extract_features
+from training.evaluation import calibrate_thresholds, pair_distances
+from training.export import export_onnx, export_weights, onnx_max_difference, val_loaders
 
 SMALL = ModelConfig(backbone="resnet18", input_height=64, input_width=32, feat_dim=64, unet_base_width=4, unet_levels=3)
 
@@ -21,37 +26,70 @@ def _trained_like(config: ModelConfig):
     return extractor.eval(), generator.eval()
 
 
-def test_export_from_a_run_reloads_to_identical_features(tmp_path) -> None:
-    train_config = TrainConfig(
-        backbone="resnet18",
-        input_height=64,
-        input_width=32,
-        feat_dim=64,
-        unet_base_width=4,
-        unet_levels=3,
-        dataset="synthetic",
-    )
-    extractor, generator = _trained_like(train_config.model_config())
-    history = [{"stage": 3, "epoch": 2, "mAP": 55.5, "rank1": 70.0, "all_mAP": 60.0}]
+def _save_run(run, train_config: TrainConfig, stage: int, name: str, extractor, generator, history=()) -> None:
     save_checkpoint(
-        tmp_path / "best.pt",
+        run / name,
         {
             "config": train_config.to_dict(),
-            "stage": 3,
+            "stage": stage,
             "epoch": 2,
-            "history": history,
+            "history": list(history),
             "extractor": extractor.state_dict(),
             "mask_generator": generator.state_dict(),
         },
     )
-    path = export_weights(tmp_path, tmp_path / "model.safetensors")
-    model = load_weights(path)
+
+
+def test_export_takes_the_last_checkpoint_and_calibrates_thresholds_in_the_served_space(
+    tmp_path, manifest_root
+) -> None:
+    model = dataclasses.replace(SMALL, bnneck=True, neck_feat="after", normalize=True)
+    kwargs = {"query_camid": 0}
+    train_config = TrainConfig(model=model, dataset="folder", root=str(manifest_root.root), dataset_kwargs=kwargs)
+    run = tmp_path / "run"
+    best_ext, best_gen = _trained_like(model)
+    last_ext, last_gen = _trained_like(model)
+    _save_run(run, train_config, 1, "best.pt", best_ext, best_gen, [{"stage": 1, "epoch": 2, "mAP": 90.0}])
+    history = [{"stage": 3, "epoch": 2, "mAP": 55.5, "rank1": 70.0}]
+    _save_run(run, train_config, 3, "last.pt", last_ext, last_gen, history)
+
+    path = export_weights(run, tmp_path / "model.safetensors")
+    loaded = load_weights(path)
     images = torch.randn(4, 3, 64, 32)
     with torch.no_grad():
-        assert torch.equal(model.extractor(images), extractor(images))
-        assert torch.equal(model.mask_generator(images), generator(images))
+        assert torch.equal(loaded.extractor(images), last_ext(images))
+        assert torch.equal(loaded.mask_generator(images), last_gen(images))
     _, provenance, has_mask = read_metadata(path)
-    assert has_mask and provenance["evaluation"]["mAP"] == 55.5 and provenance["dataset"] == "synthetic"
+    assert has_mask and provenance["checkpoint"] == "last.pt" and provenance["evaluation"]["mAP"] == 55.5
+    assert provenance["threshold_split"] == "val" and [t["fmr"] for t in provenance["thresholds"]] == [0.01, 0.001]
+    # The thresholds are distances between the templates the service computes (the loaded weights' forward).
+    query, gallery = val_loaders(train_config)
+    qf, q_pids, q_camids = extract_features(loaded.extractor, query, torch.device("cpu"))
+    gf, g_pids, g_camids = extract_features(loaded.extractor, gallery, torch.device("cpu"))
+    genuine, impostor = pair_distances(qf, gf, q_pids, g_pids, q_camids, g_camids)
+    assert provenance["thresholds"] == calibrate_thresholds(genuine, impostor, (0.01, 0.001))
+    assert provenance["threshold_pairs"] == {"genuine": len(genuine), "impostor": len(impostor)} and len(genuine)
+
+    best = export_weights(run, tmp_path / "best.safetensors", which="best", calibrate=False)
+    _, provenance, has_mask = read_metadata(best)
+    assert provenance["checkpoint"] == "best.pt" and not has_mask and "thresholds" not in provenance
+
+
+def test_export_without_the_data_set_says_how_to_go_on(tmp_path) -> None:
+    extractor, generator = _trained_like(SMALL)
+    _save_run(tmp_path, TrainConfig(model=SMALL, root=str(tmp_path / "gone")), 3, "last.pt", extractor, generator)
+    with pytest.raises(FileNotFoundError, match="--root, or export without thresholds"):
+        export_weights(tmp_path, tmp_path / "model.safetensors")
+
+
+def test_a_checkpoint_that_needs_pickled_code_is_refused(tmp_path) -> None:
+    torch.save({"config": {}, "extractor": {}, "trap": _Pickled()}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="weights_only=True"):
+        load_checkpoint(tmp_path / "last.pt")
+
+
+class _Pickled:
+    """Any class: torch.load(weights_only=True) must refuse to build it."""
 
 
 def test_export_from_networks(tmp_path) -> None:
@@ -60,19 +98,24 @@ def test_export_from_networks(tmp_path) -> None:
     assert read_metadata(path)[1]["evaluation"] == {"mAP": 1.0}
 
 
-def test_onnx_export_matches_pytorch_with_a_dynamic_batch(tmp_path) -> None:
+STRONG = dataclasses.replace(SMALL, bnneck=True, neck_feat="after", normalize=True, flip_average=True)
+
+
+@pytest.mark.parametrize("config", [SMALL, STRONG], ids=["paper", "strong"])
+def test_onnx_export_matches_pytorch_with_a_dynamic_batch(tmp_path, config: ModelConfig) -> None:
+    """The strong recipe's served template (after the BNNeck, normalised, flip-averaged) exports too."""
     pytest.importorskip("onnxruntime")
-    extractor, _ = _trained_like(SMALL)
+    extractor, _ = _trained_like(config)
     path = export_onnx(extractor, tmp_path / "extractor.onnx")  # checks a batch of 3 to 1e-4
     for batch in (1, 5):  # exported with a batch of 2
-        assert onnx_max_difference(extractor, path, SMALL, batch=batch) < 1e-4
+        assert onnx_max_difference(extractor, path, config, batch=batch) < 1e-4
 
 
 def test_a_run_stopped_after_stage_1_exports_no_mask_generator(tmp_path) -> None:
     """Its mask generator was never trained: the weights must not pretend otherwise."""
-    train_config = TrainConfig(backbone="resnet18", input_height=64, input_width=32, feat_dim=64, unet_base_width=4)
+    train_config = TrainConfig(model=SMALL)
     extractor, generator = _trained_like(train_config.model_config())
     state = {"config": train_config.to_dict(), "history": [], "extractor": extractor.state_dict()}
     save_checkpoint(tmp_path / "last.pt", {**state, "stage": 1, "epoch": 4, "mask_generator": generator.state_dict()})
-    _, _, has_mask = read_metadata(export_weights(tmp_path, tmp_path / "model.safetensors"))
+    _, _, has_mask = read_metadata(export_weights(tmp_path, tmp_path / "model.safetensors", calibrate=False))
     assert not has_mask

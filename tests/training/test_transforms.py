@@ -58,5 +58,30 @@ def test_bad_arguments_are_errors() -> None:
     config = ModelConfig()
     with pytest.raises(ValueError, match=re.escape("resize (200, 100) must be at least the input size (224, 112)")):
         build_train_transform(config, resize=(200, 100))
-    with pytest.raises(ValueError, match=re.escape("flip_p must be in [0, 1], got 1.5")):
+    with pytest.raises(ValueError, match=re.escape("flip_p and erasing_p must be in [0, 1], got 1.5, 0.0")):
         build_train_transform(config, flip_p=1.5)
+    with pytest.raises(ValueError, match=re.escape("got 0.5, -0.1")):
+        build_train_transform(config, erasing_p=-0.1)
+
+
+def test_random_erasing_blanks_one_rectangle_within_its_area_and_aspect_bounds() -> None:
+    from training.transforms import ERASING_RATIO, ERASING_SCALE
+
+    config = ModelConfig(backbone="resnet18", input_height=64, input_width=32)
+    image = _image(64, 32, seed=2)
+    plain = build_train_transform(config, resize=(64, 32), flip_p=0.0)(image)
+    erasing = build_train_transform(config, resize=(64, 32), flip_p=0.0, erasing_p=1.0)
+    torch.manual_seed(0)
+    for _ in range(50):
+        out = erasing(image)
+        erased = (out != plain).any(0)  # (H, W): the pixels that changed
+        assert erased.any() and (out[:, erased] == 0).all()  # set to 0: the mean pixel after normalisation
+        rows, cols = erased.any(1).nonzero().flatten(), erased.any(0).nonzero().flatten()
+        h, w = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+        assert erased[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all()  # one solid rectangle inside the crop
+        # torchvision rounds the side lengths, so the area and the aspect ratio are within a pixel of the bounds
+        area = h * w / (64 * 32)
+        assert ERASING_SCALE[0] * 0.8 <= area <= ERASING_SCALE[1] * 1.2, (h, w)
+        assert ERASING_RATIO[0] * 0.7 <= h / w <= ERASING_RATIO[1] * 1.4, (h, w)
+    never = build_train_transform(config, resize=(64, 32), flip_p=0.0, erasing_p=0.0)
+    assert torch.equal(never(image), plain)
