@@ -22,24 +22,27 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """``nn.SyncBatchNorm`` that also synchronises CPU tensors (see the module's docstring)."""
+class _GlobalStatistics:
+    """A BatchNorm forward over the statistics of every rank's batch (see the module's docstring)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.device.type != "cpu" or not self.training or world_size() == 1 or self.momentum is None:
+        if not self.training or world_size() == 1 or self.momentum is None:
             return super().forward(input)
         channels = input.shape[1]
         dims = [0, *range(2, input.dim())]
-        count = torch.tensor([input.numel() / channels], dtype=input.dtype)
-        stats = dist_nn.all_reduce(torch.cat([input.sum(dims), (input * input).sum(dims), count]))  # summed
+        # One all_reduce of (sum, sum of squares, count), in float64: E[x^2] - E[x]^2 loses too much in float32.
+        x = input.double()
+        count = torch.tensor([input.numel() / channels], dtype=x.dtype)
+        stats = dist_nn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))  # summed over the ranks
         n = stats[-1]
         mean = stats[:channels] / n
         var = (stats[channels : 2 * channels] / n - mean * mean).clamp_min(0)  # biased, for normalising
+        mean, var = mean.to(input.dtype), var.to(input.dtype)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)  # unbiased, as BatchNorm keeps
+                self.running_var.lerp_(var.detach() * float(n / (n - 1)), self.momentum)  # unbiased, as BatchNorm keeps
         shape = [1, channels] + [1] * (input.dim() - 2)
         out = (input - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
@@ -47,12 +50,25 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         return out
 
 
-def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Every BatchNorm layer of ``module`` as a ``SyncBatchNorm`` (in place; parameters and buffers kept)."""
-    module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+class CpuSyncBatchNorm1d(_GlobalStatistics, nn.BatchNorm1d):
+    pass
+
+
+class CpuSyncBatchNorm2d(_GlobalStatistics, nn.BatchNorm2d):
+    pass
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm layer of ``module`` synchronised across the ranks, in place (parameters and buffers
+    kept): torch's ``SyncBatchNorm`` on GPUs; on the CPU, where DDP refuses it, the same layers with a forward
+    over the global statistics."""
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for m in module.modules():
-        if type(m) is nn.SyncBatchNorm:
-            m.__class__ = SyncBatchNorm  # same state, a forward that also works on the CPU
+        if type(m) is nn.BatchNorm1d:
+            m.__class__ = CpuSyncBatchNorm1d
+        elif type(m) is nn.BatchNorm2d:
+            m.__class__ = CpuSyncBatchNorm2d
     return module
 
 

@@ -136,13 +136,14 @@ def build_networks(config: TrainConfig, device: torch.device, train_pids: Sequen
         mask_generator,
     )
     if world_size > 1:
-        distributed.convert_sync_batchnorm(model)
-        distributed.convert_sync_batchnorm(mask_generator)
-        # DDP records the parameters that need gradients when it is built: those of stages 1 and 3.
-        set_stage_modes(1, nets, config.freeze_blocks)
+        distributed.convert_sync_batchnorm(model, device)
+        distributed.convert_sync_batchnorm(mask_generator, device)
+        # DDP records the parameters that need gradients when it is built: the extractor's are those of
+        # stages 1 and 3 (frozen blocks and the BNNeck's shift left out), the mask generator's all of them.
         ids = [device.index] if device.type == "cuda" else None
-        nets.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         nets.mask_model = nn.parallel.DistributedDataParallel(mask_generator, device_ids=ids)
+        set_stage_modes(1, nets, config.freeze_blocks)
+        nets.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     return nets
 
 

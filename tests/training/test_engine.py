@@ -167,45 +167,6 @@ def test_three_stages_lower_the_triplet_loss_and_raise_map(tmp_path) -> None:
         assert (tmp_path / name).is_file(), name
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)  # same initial weights on every rank
-        config = TrainConfig(**SMALL)
-        nets = build_networks(config, torch.device("cpu"))
-        assert nets.world_size == world_size
-        ds = BlobIds(config.p, config.k, seed=10 + rank)  # a different batch on each rank
-        images = torch.stack([ds[i][0] for i in range(len(ds))])
-        pids = torch.tensor([ds[i][1] for i in range(len(ds))])
-        for stage in (1, 3):
-            set_stage_modes(stage, nets)
-            training_step(stage, images, pids, nets, config, torch.device("cpu"))
-        params = torch.cat(
-            [p.detach().flatten() for p in nets.extractor.parameters()]
-            + [p.detach().flatten() for p in nets.mask_generator.parameters()]
-        )
-        torch.save(params, f"{out_dir}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_two_gloo_ranks_stay_in_step(tmp_path) -> None:
-    """Gradients averaged across ranks: after steps on different batches both ranks hold the same weights."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert torch.equal(a, b)
-
-
 def test_stage3_mask_loss_forward_leaves_the_extractors_bn_statistics() -> None:
     """Only the clean and hidden forwards (L_extractor's) may move the extractor's running statistics."""
     from models import hide_top
