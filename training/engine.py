@@ -219,8 +219,8 @@ def lr_factor(config: TrainConfig, stage: int, epoch: int, step: int, steps_per_
 
 
 def _id_loss(logits: torch.Tensor | None, pids: torch.Tensor, nets: Networks, config: TrainConfig) -> Any:
-    """The ID loss of this rank's batch (DDP averages it over the ranks), or None without a classifier."""
-    if logits is None:
+    """The ID loss of this rank's batch (DDP averages it over the ranks), or None when it is off."""
+    if logits is None or config.id_loss_weight == 0:
         return None
     return id_loss(logits, nets.train_model.labels(pids), config.label_smoothing)
 
@@ -230,7 +230,12 @@ def training_step(
 ) -> dict[str, torch.Tensor]:
     """One optimisation step of ``stage`` on a P x K batch; returns the detached losses (averaged over ranks)."""
     ext, model, gen = nets.extractor, nets.model, nets.mask_model
-    ext_params = [p for p in nets.train_model.parameters() if p.requires_grad]
+    use_id = config.id_loss_weight > 0  # without it the classifier (if any) gets no gradient
+    ext_params = [
+        p
+        for n, p in nets.train_model.named_parameters()
+        if p.requires_grad and (use_id or not n.startswith("classifier."))
+    ]
     gen_params = [p for p in nets.mask_generator.parameters() if p.requires_grad]
     nets.opt_extractor.zero_grad(set_to_none=True)
     nets.opt_mask.zero_grad(set_to_none=True)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,62 @@ def test_last_stride_1_doubles_the_last_feature_map():
     with torch.no_grad():
         assert default.forward_features(x).shape[-2:] == (2, 1)
         assert stride1.forward_features(x).shape[-2:] == (4, 2)
+
+
+SMALL = ModelConfig(backbone="resnet18", feat_dim=16, input_height=64, input_width=32)
+
+
+def test_bnneck_serves_the_feature_the_config_names_with_the_papers_as_default():
+    x = torch.randn(6, 3, 64, 32)
+    torch.manual_seed(0)
+    paper = build_extractor(SMALL).eval()
+    assert paper.neck is None and not any("neck" in k for k in paper.state_dict())  # old weights still fit
+    for neck_feat, normalize in (("before", False), ("after", False), ("before", True), ("after", True)):
+        config = dataclasses.replace(SMALL, bnneck=True, neck_feat=neck_feat, normalize=normalize)
+        torch.manual_seed(0)
+        extractor = build_extractor(config)
+        extractor.train()
+        with torch.no_grad():
+            extractor(torch.randn(8, 3, 64, 32) * 2 + 1)  # BN statistics away from their defaults
+        extractor.eval()
+        assert extractor.neck.num_features == 16 and not extractor.neck.bias.requires_grad  # no shift
+        with torch.no_grad():
+            before, after = extractor.forward_neck(x)
+            served = extractor(x)
+        assert before.shape == after.shape == served.shape == (6, 16)
+        assert (before >= 0).all()  # the head's ReLU output
+        expected = after if neck_feat == "after" else before
+        expected = torch.nn.functional.normalize(expected, dim=1) if normalize else expected
+        torch.testing.assert_close(served, expected)
+        n = extractor.neck
+        torch.testing.assert_close(after, (before - n.running_mean) / (n.running_var + n.eps).sqrt() * n.weight)
+        if normalize:
+            torch.testing.assert_close(served.norm(dim=1), torch.ones(6))
+
+
+def test_flip_average_serves_the_mean_of_the_image_and_its_mirror():
+    config = dataclasses.replace(SMALL, bnneck=True, neck_feat="after", flip_average=True)
+    extractor = build_extractor(config).eval()
+    plain = build_extractor(dataclasses.replace(config, flip_average=False)).eval()
+    plain.load_state_dict(extractor.state_dict())
+    x = torch.randn(3, 3, 64, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x), (plain(x) + plain(x.flip(-1))) / 2)
+        torch.testing.assert_close(extractor(x), extractor(x.flip(-1)), atol=1e-5, rtol=1e-5)  # mirror-invariant
+
+
+def test_served_feature_settings_are_checked_and_travel_with_the_config():
+    with pytest.raises(ValueError, match="needs bnneck=True"):
+        ModelConfig(neck_feat="after")
+    with pytest.raises(ValueError, match="unknown neck_feat 'middle'; choose before, after"):
+        ModelConfig(bnneck=True, neck_feat="middle")
+    strong = ModelConfig(bnneck=True, neck_feat="after", normalize=True, flip_average=True, last_stride=1)
+    assert ModelConfig.from_dict(strong.to_dict()) == strong
+    # the paper's config serialises as before these settings existed (so its fingerprint is unchanged)
+    assert set(ModelConfig().to_dict()) == {f.name for f in dataclasses.fields(ModelConfig)} - {
+        "bnneck",
+        "neck_feat",
+        "normalize",
+        "flip_average",
+    }
+    assert ModelConfig.from_dict(ModelConfig().to_dict()) == ModelConfig()

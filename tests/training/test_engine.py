@@ -245,3 +245,35 @@ def test_train_one_epoch_applies_the_warmup_to_the_extractor_lr() -> None:
     batches = [(images, pids, torch.zeros_like(pids), pids)] * 2
     train_one_epoch(1, batches, nets, config, torch.device("cpu"))
     assert nets.opt_extractor.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.55)  # the last of 2 steps
+
+
+def test_id_loss_trains_the_classifier_on_the_bnneck_feature_and_off_it_gets_no_gradient() -> None:
+    model = dataclasses.replace(SMALL_MODEL, bnneck=True, neck_feat="after")
+    config = TrainConfig(**{**SMALL, "model": model}, id_loss_weight=1.0, label_smoothing=0.1)
+    images, pids = _batch(config)
+    nets = build_networks(config, torch.device("cpu"), train_pids=[7, *pids.tolist()])  # one pid not in the batch
+    classifier = nets.train_model.classifier
+    assert classifier.weight.shape == (config.p + 1, 64)  # (num training identities, feat_dim)
+    set_stage_modes(1, nets)
+    ((feat, logits),) = nets.model(images)
+    assert feat.shape == (len(pids), 64) and logits.shape == (len(pids), config.p + 1)
+    before = classifier.weight.detach().clone()
+    losses = training_step(1, images, pids, nets, config, torch.device("cpu"))
+    assert {"loss_triplet", "loss_id", "loss_extractor"} <= set(losses)
+    assert losses["loss_extractor"] == pytest.approx(losses["loss_triplet"] + losses["loss_id"])
+    assert classifier.weight.grad.abs().sum() > 0 and not torch.equal(classifier.weight, before)
+    assert nets.train_model.labels(torch.tensor([7, pids[0].item()])).tolist() == [
+        sorted({7, *pids.tolist()}).index(7),
+        sorted({7, *pids.tolist()}).index(pids[0].item()),
+    ]
+
+    off = dataclasses.replace(config, id_loss_weight=0.0)
+    before = classifier.weight.detach().clone()
+    losses = training_step(1, images, pids, nets, off, torch.device("cpu"))
+    assert "loss_id" not in losses and classifier.weight.grad is None and torch.equal(classifier.weight, before)
+    assert all(p.grad is not None for p in nets.extractor.head.parameters())
+
+
+def test_the_id_loss_without_training_identities_is_refused() -> None:
+    with pytest.raises(ValueError, match="needs the training identities"):
+        build_networks(TrainConfig(**SMALL, id_loss_weight=1.0), torch.device("cpu"))

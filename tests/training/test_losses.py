@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from training.losses import contiguity_loss, identity_loss, mask_loss, sparsity_loss, triplet_loss
+from training.losses import (
+    contiguity_loss,
+    extractor_loss,
+    id_loss,
+    identity_loss,
+    mask_loss,
+    sparsity_loss,
+    triplet_loss,
+)
 
 
 def _brute_force_triplet(features: torch.Tensor, pids: list[int], margin: float, soft: bool) -> float:
@@ -63,3 +71,33 @@ def test_mask_terms_average_over_the_batch() -> None:
     both = torch.cat([a, b])
     assert contiguity_loss(both).item() == pytest.approx((contiguity_loss(a) + contiguity_loss(b)).item() / 2)
     assert sparsity_loss(both).item() == pytest.approx((a.mean() + b.mean()).item() / 2)
+
+
+def test_id_loss_with_label_smoothing_against_a_hand_computation() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    labels = torch.tensor([0, 1])
+    eps, n = 0.1, 3
+    expected = 0.0
+    for row, label in zip(logits.tolist(), labels.tolist(), strict=True):
+        log_z = math.log(sum(math.exp(v) for v in row))
+        log_p = [v - log_z for v in row]
+        target = [eps / n + (1 - eps if c == label else 0.0) for c in range(n)]  # 1 - eps + eps/N on the pid
+        expected += -sum(t * lp for t, lp in zip(target, log_p, strict=True))
+    assert id_loss(logits, labels, eps).item() == pytest.approx(expected / 2, rel=1e-6)
+    plain = -sum(
+        math.log(math.exp(r[c]) / sum(math.exp(v) for v in r))
+        for r, c in ((logits[0].tolist(), 0), (logits[1].tolist(), 1))
+    )
+    assert id_loss(logits, labels, 0.0).item() == pytest.approx(plain / 2, rel=1e-6)
+
+
+def test_extractor_loss_adds_each_views_id_loss_at_its_weight() -> None:
+    feats, masked = torch.randn(6, 4), torch.randn(6, 4)
+    pids = torch.tensor([0, 0, 1, 1, 2, 2])
+    paper = extractor_loss(feats, masked, pids, 0.9)
+    strong = extractor_loss(
+        feats, masked, pids, 0.9, clean_id=torch.tensor(2.0), masked_id=torch.tensor(3.0), id_weight=0.5
+    )
+    expected = 0.9 * (paper["loss_triplet"] + 0.5 * 2.0) + 0.1 * (paper["loss_triplet_masked"] + 0.5 * 3.0)
+    assert strong["loss_extractor"].item() == pytest.approx(expected.item())
+    assert "loss_id" not in paper and strong["loss_id"].item() == 2.0
