@@ -137,3 +137,21 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path) -> None:
     config = TrainConfig(**SMALL)
     with pytest.raises(FileNotFoundError, match=r"last\.pt"):
         fit(config, _loaders(config), out=tmp_path, resume=True)
+
+
+def test_evaluate_prints_figures_thresholds_and_draws_the_histograms(tmp_path, capsys, manifest_root) -> None:
+    from models import build_extractor, save_weights
+
+    config = ModelConfig(backbone="resnet18", feat_dim=16, input_height=64, input_width=32, unet_base_width=4)
+    weights = save_weights(tmp_path / "w.safetensors", build_extractor(config).eval(), None, {"thresholds": []})
+    png = tmp_path / "hist.png"
+    argv = ["evaluate", "--weights", str(weights), "--dataset", "folder", "--root", str(manifest_root.root)]
+    code = main([*argv, "--workers", "0", "--device", "cpu", "--rerank", "--histogram", str(png)])
+    out = capsys.readouterr().out
+    assert code == 0
+    report = json.loads(out)
+    assert {"mAP", "rank1", "all_mAP", "rerank_mAP", "rerank_rank1"} <= set(report["figures"])
+    assert [t["fmr"] for t in report["thresholds"]] == [0.01, 0.001]
+    # val: 8 queries (2 per id in camera 0), 6 gallery images (ids 1000-1002, 2 each in camera 1)
+    assert report["pairs"] == {"genuine": 3 * 2 * 2, "impostor": 8 * 6 - 3 * 2 * 2}
+    assert report["stored_thresholds"] == [] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
