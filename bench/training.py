@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from bench.common import Table, add_common_args, int_list, median, report, setup
+from models import ModelConfig
 from training.cli import build_loaders
 from training.config import AMP_MODES, TrainConfig
 from training.data.synthetic import generate_synthetic_market1501
@@ -111,11 +112,13 @@ def main(argv: list[str] | None = None) -> int:
             dataset="market1501",
             root=str(root),
             out=str(Path(tmp) / "run"),
-            backbone=args.backbone,
-            input_height=height,
-            input_width=width,
-            unet_base_width=args.unet_width,
-            unet_levels=args.unet_levels,
+            model=ModelConfig(
+                backbone=args.backbone,
+                input_height=height,
+                input_width=width,
+                unet_base_width=args.unet_width,
+                unet_levels=args.unet_levels,
+            ),
             p=p,
             k=k,
             workers=args.workers,
