@@ -162,6 +162,33 @@ def train_seed(
     return rows
 
 
+SERVED = (("before", False), ("before", True), ("after", False), ("after", True))
+
+
+def served_feature_figures(run: Path, loaders: Loaders) -> dict[str, dict[str, float]]:
+    """A BNNeck run's final weights served four ways (before / after the BNNeck, raw / L2-normalised; the rest of
+    its config kept): rank-1, mAP and TMR at FMR 1e-2 of each on the val split."""
+    from models import FeatureExtractor
+    from training.evaluation import calibrate_thresholds, evaluate_features, pair_distances
+
+    extractor, _, _ = networks_from_run(run, "last")
+    if not extractor.config.bnneck:
+        raise ValueError(f"run {run} has no BNNeck: nothing to choose between")
+    out = {}
+    for neck_feat, normalize in SERVED:
+        variant = FeatureExtractor(dataclasses.replace(extractor.config, neck_feat=neck_feat, normalize=normalize))
+        variant.load_state_dict(extractor.state_dict())
+        qf, q_pids, q_camids = extract_features(variant, loaders.query, torch.device("cpu"))
+        gf, g_pids, g_camids = extract_features(variant, loaders.gallery, torch.device("cpu"))
+        figures = evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids)
+        genuine, impostor = pair_distances(qf, gf, q_pids, g_pids, q_camids, g_camids)
+        tmr = calibrate_thresholds(genuine, impostor, (1e-2,))[0]["tmr"]
+        name = f"{neck_feat} the BNNeck, {'L2-normalised' if normalize else 'raw'}"
+        out[name] = {"rank1": figures["rank1"], "mAP": figures["mAP"], "tmr": 100 * tmr}
+        logger.info("served %s: %s", name, out[name])
+    return out
+
+
 def service_check(weights: Path, base: TrainConfig, max_files: int = 64) -> dict[str, Any]:
     """Enroll the val gallery in the service, ask every query, compare the rank-1 identity with offline."""
     from fastapi.testclient import TestClient
@@ -321,6 +348,17 @@ def render(results: dict[str, Any]) -> str:
         f"same rank-1 identity as offline evaluation (service rank-1 {check['service_rank1']:.1f}, offline "
         f"{check['offline_rank1']:.1f}).",
         "",
+        "## Which feature to serve",
+        "",
+        "The best strong-recipe run's final weights served four ways (its flip averaging kept):",
+        "",
+        "| served template | rank-1 | mAP | TMR at FMR 1e-2 |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {f['rank1']:.1f} | {f['mAP']:.1f} | {f['tmr']:.1f} |"
+            for name, f in results.get("served_features", {}).items()
+        ),
+        "",
         "## Settings",
         "",
         f"`{results['config']['model']['backbone']}` from its real ImageNet weights, input "
@@ -373,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--finish", action="store_true", help="from OUT/results.json of a stopped run: export, check, figure, table"
     )
+    parser.add_argument(
+        "--served-features",
+        default=None,
+        metavar="RUN",
+        help="only compare the four served features of a BNNeck run folder (before/after, raw/normalised) and exit",
+    )
     return parser
 
 
@@ -388,6 +432,10 @@ def finish(results: dict[str, Any], out: Path) -> dict[str, Any]:
     run = Path(seeds[best[0]][best[1]]["run"])
     weights = export_weights(run, out / "best.safetensors", root=base.root)
     results["service_check"] = service_check(weights, base)
+    from training.export import val_loaders
+
+    query, gallery = val_loaders(base)
+    results["served_features"] = served_feature_figures(run, Loaders([], query, gallery))
     best_masks = max(seeds, key=lambda s: seeds[s]["strong_masks"]["figures"]["mAP"])
     mask_figure(Path(seeds[best_masks]["strong_masks"]["run"]), base, out / "figure1.png")
     results["wall_minutes"] = (time.time() - results["started"]) / 60
@@ -398,6 +446,14 @@ def finish(results: dict[str, Any], out: Path) -> dict[str, Any]:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
+    if args.served_features:
+        config = TrainConfig.from_dict(json.loads((Path(args.served_features) / "config.json").read_text()))
+        from training.export import val_loaders
+
+        query, gallery = val_loaders(config)
+        figures = served_feature_figures(Path(args.served_features), Loaders([], query, gallery))
+        sys.stdout.write(json.dumps(figures, indent=2) + "\n")
+        return {"served_features": figures}
     if args.finish:
         if not (out / "results.json").is_file():
             raise FileNotFoundError(f"--finish needs {out / 'results.json'} from an earlier run")
