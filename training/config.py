@@ -112,8 +112,10 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
         flat = {k: data[k] for k in data if k in model_keys and k not in known}
+        if "flip_eval" in data:  # before the served template held it, flip averaging was an evaluation option
+            flat["flip_average"] = bool(data["flip_eval"])
         if flat:  # a config.json from before the nesting kept the model's settings at the top level
-            data = {k: v for k, v in data.items() if k not in flat}
+            data = {k: v for k, v in data.items() if k not in flat and k != "flip_eval"}
             data["model"] = {**flat, **dict(data.get("model") or {})}
         unknown = sorted(set(data) - known)
         if unknown:

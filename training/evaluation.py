@@ -152,7 +152,7 @@ def k_reciprocal_rerank(
     k1: int = 20,
     k2: int = 6,
     lambda_value: float = 0.3,
-    block: int = 2048,
+    block: int = 512,
 ) -> np.ndarray:
     """k-reciprocal re-ranking (Zhong et al., "Re-ranking Person Re-identification with k-reciprocal Encoding",
     CVPR 2017; the authors' defaults k1 = 20, k2 = 6, lambda = 0.3): (Q, G) distances
@@ -160,7 +160,7 @@ def k_reciprocal_rerank(
 
     The authors' code holds (Q+G)^2 matrices; here the distances are computed a block of rows at a time (only
     each row's k1 + 1 nearest are kept) and the encodings V are sparse (a row's non-zeros are its expanded
-    k-reciprocal set), so memory grows as (Q+G) * k1 plus the (Q, G) result.
+    k-reciprocal set), so memory grows as (Q+G) * k1 plus the (Q, G) float32 result and a few (block, G) arrays.
     """
     import scipy.sparse as sp
 
@@ -193,7 +193,7 @@ def k_reciprocal_rerank(
         )
         v = (expand @ v).tocsr()
     v_gallery = v[num_q:].tocsc()  # columns = encoding dimensions, rows = gallery images
-    final = np.empty((num_q, n - num_q), dtype=np.float64)
+    final = np.empty((num_q, n - num_q), dtype=np.float32)
     for start in range(0, num_q, block):
         q = slice(start, min(start + block, num_q))
         d = euclidean_distmat(feats[q], feats[num_q:]).double().numpy() / np.maximum(row_max[q, None], 1e-12)

@@ -155,3 +155,14 @@ def test_evaluate_prints_figures_thresholds_and_draws_the_histograms(tmp_path, c
     # val: 8 queries (2 per id in camera 0), 6 gallery images (ids 1000-1002, 2 each in camera 1)
     assert report["pairs"] == {"genuine": 3 * 2 * 2, "impostor": 8 * 6 - 3 * 2 * 2}
     assert report["stored_thresholds"] == [] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_round_trips_with_its_nested_model_and_reads_the_flat_layout_of_older_runs() -> None:
+    config = TrainConfig(model=ModelConfig(backbone="resnet18", bnneck=True), lr_schedule="step", stages=(1,))
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    older = {"backbone": "resnet18", "input_height": 64, "input_width": 32, "epochs": [1, 2, 3], "flip_eval": True}
+    migrated = TrainConfig.from_dict(older)
+    assert migrated.model == ModelConfig(backbone="resnet18", input_height=64, input_width=32, flip_average=True)
+    assert migrated.epochs == (1, 2, 3)
+    with pytest.raises(ValueError, match=r"unknown training settings \['mystery'\]"):
+        TrainConfig.from_dict({**older, "mystery": 1})
