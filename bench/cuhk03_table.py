@@ -25,7 +25,11 @@ weights of the best strong-recipe run are exported with their thresholds, loaded
         --pretrained ../shared/weights/mobilenet_v2_imagenet_features.safetensors
 
 writes ``docs/RESULTS.md`` (``--results``), and in ``--out`` the runs, the exported weights and ``figure1.png``.
-Run one torch process at a time on a 2-core machine: two at once run ten times slower.
+Run one torch process at a time on a 2-core machine: two at once run ten times slower. The defaults (128x64,
+E1+E2+E3 = 5+1+2) are an estimate, not yet timed as a whole table: from about 32 s per stage-1 epoch at 96x48
+alone on the 2-core machine, scaled by the pixels, they should keep each run under 10 minutes and the table
+under 100; time one seed first (``--seeds 0``). ``--served-features RUN`` only compares the four served
+templates of a BNNeck run (before / after the BNNeck, raw / L2-normalised).
 """
 
 from __future__ import annotations
@@ -112,7 +116,7 @@ class PooledTrunk(torch.nn.Module):
 def floor_figures(base: TrainConfig, loaders: Loaders) -> dict[str, float]:
     """Row 1: the ImageNet trunk's pooled features, no re-ID training."""
     device = resolve_device(base.device)
-    extractor = build_networks(base, device).extractor
+    extractor = build_networks(base, device, loaders.train_pids).extractor
     return evaluate(PooledTrunk(extractor), loaders.query, loaders.gallery, device)
 
 
