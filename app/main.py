@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import State
+from app.api.deps import State, require_api_key
 from app.api.middleware import install_middlewares
-from app.api.routes import ROUTERS
+from app.api.routes import KEYED, OPEN
 from app.config import Settings
 from app.db import make_engine
 from app.embedder import Embedder
@@ -69,7 +69,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Person re-ID service", version="1.1.0", lifespan=lifespan)
     app.state.reid = state
     install_error_handlers(app)
-    for router in ROUTERS:
+    # With a key set, its routes declare the X-API-Key scheme (OpenAPI shows it) and check it; the middleware
+    # also guards the docs and unknown paths.
+    keyed = [Depends(require_api_key)] if settings.api_key is not None else []
+    for router in KEYED:
+        app.include_router(router, dependencies=keyed)
+    for router in OPEN:
         app.include_router(router)
     install_middlewares(app, state)
     return app

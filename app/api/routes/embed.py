@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, UploadFile
+from fastapi import APIRouter, File, UploadFile
 
-from app.api.deps import EmbedderDep, ReadyDep, require_api_key, templates_of, uploads
+from app.api.deps import EmbedderDep, ReadyDep, templates_of, uploads
 from app.errors import problem_responses
 from app.schemas import EmbedResponse, EmbedResult
 
 router = APIRouter(
     prefix="/embed",
     tags=["embed"],
-    dependencies=[Depends(require_api_key)],
     responses=problem_responses(401, 413, 422, 503, 504),
 )
 

@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import (
@@ -16,7 +16,6 @@ from app.api.deps import (
     EntryId,
     GalleryDep,
     ReadyDep,
-    require_api_key,
     templates_of,
     uploads,
     utc,
@@ -29,7 +28,6 @@ from app.schemas import DeleteResult, EntryOut, EntryPage
 router = APIRouter(
     prefix="/gallery",
     tags=["gallery"],
-    dependencies=[Depends(require_api_key)],
     responses=problem_responses(401, 413, 422, 503, 504),
 )
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import GalleryDep, ReadyDep, require_api_key
+from app.api.deps import GalleryDep, ReadyDep
 from app.errors import ApiError, problem_responses
 from app.schemas import DeleteResult, IdentityOut
 
 router = APIRouter(
     prefix="/identities",
     tags=["identities"],
-    dependencies=[Depends(require_api_key)],
     responses=problem_responses(401, 413, 422, 503, 504),
 )
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Query, UploadFile
+from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.responses import Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import NO_MASK, EmbedderDep, EntryId, GalleryDep, ReadyDep, masks_of, require_api_key, uploads
+from app.api.deps import NO_MASK, EmbedderDep, EntryId, GalleryDep, ReadyDep, masks_of, uploads
 from app.api.routes.gallery import existing_entry
 from app.errors import problem_responses
 from app.rendering import View, render_mask
@@ -17,7 +17,6 @@ from app.rendering import View, render_mask
 router = APIRouter(
     prefix="/mask",
     tags=["mask"],
-    dependencies=[Depends(require_api_key)],
     responses=problem_responses(401, 413, 422, 503, 504),
 )
 

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import StateDep, require_api_key
+from app.api.deps import StateDep
 from app.errors import problem, problem_responses
 from app.schemas import Health, Ready
 
+health_router = APIRouter(tags=["operations"])  # never behind the key: liveness probes carry none
 router = APIRouter(tags=["operations"])
 NO_WEIGHTS_WARNING = "no trained weights loaded (REID_WEIGHTS unset): matches are meaningless"
 
 
-@router.get("/health", response_model=Health, responses=problem_responses(413, 504))
+@health_router.get("/health", response_model=Health, responses=problem_responses(413, 504))
 async def health(state: StateDep) -> Health:
     e, s = state.embedder, state.settings
     return Health(
@@ -38,12 +39,7 @@ async def health(state: StateDep) -> Health:
     )
 
 
-@router.get(
-    "/ready",
-    response_model=Ready,
-    responses=problem_responses(401, 413, 503, 504),
-    dependencies=[Depends(require_api_key)],
-)
+@router.get("/ready", response_model=Ready, responses=problem_responses(401, 413, 503, 504))
 async def ready(state: StateDep) -> Any:
     """200 once the model has run and the index was checked against the database at start-up (every write
     since keeps them equal under the gallery's lock); then each probe costs one ``SELECT 1``, whatever the size
@@ -60,11 +56,6 @@ async def ready(state: StateDep) -> Any:
     return Ready(ready=True)
 
 
-@router.get(
-    "/metrics",
-    response_class=Response,
-    responses=problem_responses(401, 413, 504),
-    dependencies=[Depends(require_api_key)],
-)
+@router.get("/metrics", response_class=Response, responses=problem_responses(401, 413, 504))
 async def metrics(state: StateDep) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

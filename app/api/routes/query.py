@@ -7,7 +7,7 @@ import base64
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import (
@@ -18,7 +18,6 @@ from app.api.deps import (
     Camera,
     ReadyDep,
     masks_of,
-    require_api_key,
     templates_of,
     uploads,
     utc,
@@ -32,7 +31,6 @@ from app.search import Track, identities, search, weights_threshold
 router = APIRouter(
     prefix="/query",
     tags=["query"],
-    dependencies=[Depends(require_api_key)],
     responses=problem_responses(401, 413, 422, 503, 504),
 )
 
