@@ -263,10 +263,13 @@ class Embedder:
         return self.masks_sync([image])[0]
 
     def warm_up(self) -> None:
+        """One pass of each network; with CUDA graphs, one per batch bucket, so that no request pays a capture."""
         blank = Image.new("RGB", (self.config.input_width, self.config.input_height))
-        self.embed_sync([blank])
+        for n in getattr(self.backend, "graph_batches", ()) or (1,):
+            self.embed_sync([blank] * n)
         if self.mask_generator is not None:
-            self.masks_sync([blank])
+            for n in getattr(self.mask_backend, "graph_batches", ()) or (1,):
+                self.masks_sync([blank] * n)
 
     # -- dynamic micro-batching: concurrent requests share one forward pass -------------------------
 

@@ -13,6 +13,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+# STAND-IN: replaced by the gallery branch (its GPU k cap).
 # GPU FAISS answers at most this many neighbours per query (faiss/gpu/utils/DeviceDefs.cuh, GPU_MAX_SELECTION_K).
 GPU_MAX_K = 2048
 
@@ -75,6 +76,7 @@ class VectorIndex:
             self._gpu = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)
         return self._gpu
 
+    # STAND-IN: replaced by the gallery branch (filtered search with an IDSelector, the GPU k bound).
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(squared L2 distances, ids), each (n, k'), k' = ``bounded_k(k)``; missing slots are id -1.
 
