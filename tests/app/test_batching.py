@@ -170,3 +170,42 @@ def test_full_queue_answers_503_with_retry_after(settings: Settings) -> None:
         embedder.embed_sync = embed_sync
         assert client.post("/embed", files=files).status_code == 200
         assert "reid_overloaded_total 2.0" in client.get("/metrics").text
+
+
+def test_work_of_a_request_answered_504_is_never_started(settings: Settings) -> None:
+    import httpx
+
+    from tests.app.test_faults import serving
+
+    app = create_app(settings.model_copy(update={"request_timeout_s": 0.5}))
+    release = threading.Event()
+    calls: list[int] = []
+    with serving(app) as url, httpx.Client(base_url=url, timeout=HANG_GUARD_S) as client:
+        embedder = app.state.reid.embedder
+        embed_sync = embedder.embed_sync
+
+        def stuck(images: list[Image.Image]) -> Any:
+            calls.append(len(images))
+            assert release.wait(HANG_GUARD_S)
+            return embed_sync(images)
+
+        embedder.embed_sync = stuck
+        one = {"files": ("a.png", png_bytes(1), "image/png")}
+        two = [("files", (f"{i}.png", png_bytes(i), "image/png")) for i in (2, 3)]
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.post, "/embed", files=one)  # its pass starts, and sticks
+            for _ in range(HANG_GUARD_S * 100):
+                if calls:
+                    break
+                time.sleep(0.01)
+            second = pool.submit(client.post, "/embed", files=two)  # queued behind it
+            assert first.result(HANG_GUARD_S).status_code == 504
+            assert second.result(HANG_GUARD_S).status_code == 504
+        release.set()
+        for _ in range(HANG_GUARD_S * 100):
+            if embedder.templates.dropped == 1:
+                break
+            time.sleep(0.01)
+        assert embedder.templates.dropped == 1 and calls == [1]  # the queued work was dropped, never run
+        embedder.embed_sync = embed_sync
+        assert client.post("/embed", files=two).status_code == 200
