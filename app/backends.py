@@ -271,6 +271,21 @@ def resolve_backend(kind: str, device: torch.device) -> str:
     return "onnxruntime"
 
 
+def _cached_onnx(module: nn.Module, role: str, config: ModelConfig, path: Path, device: torch.device) -> OnnxBackend:
+    """The cached graph at ``path``; exported when absent, and again when the file cannot be loaded."""
+    if path.exists():
+        try:
+            return OnnxBackend(path, device)
+        except BackendError as exc:
+            logger.warning("%s; exporting it again", exc)
+    logger.info("exporting the %s to ONNX: %s (once for these weights)", role, path)
+    try:
+        export_onnx(module, path, config, "features" if role == "extractor" else "mask")
+    except Exception as exc:  # a read-only data folder, an operator the exporter lacks, ...
+        raise BackendError(f"exporting the {role} to ONNX at {path} failed: {exc}") from exc
+    return OnnxBackend(path, device)
+
+
 def load_backend(
     kind: str,
     module: nn.Module,
@@ -292,11 +307,7 @@ def load_backend(
     try:
         backend: Backend
         if chosen == "onnxruntime":
-            path = cache_dir / f"{role}-{fingerprint}.onnx"
-            if not path.exists():
-                logger.info("exporting the %s to ONNX: %s (once for these weights)", role, path)
-                export_onnx(module, path, config, "features" if role == "extractor" else "mask")
-            backend = OnnxBackend(path, device)
+            backend = _cached_onnx(module, role, config, cache_dir / f"{role}-{fingerprint}.onnx", device)
         else:
             cast = autocast_dtype(dtype, device)
             backend = TorchBackend(

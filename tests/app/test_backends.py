@@ -161,3 +161,27 @@ def test_cuda_autocast_graphs_pass_parity(small_weights: Path, tmp_path: Path) -
     with torch.inference_mode():
         reference = model.extractor(x.cuda()).float().cpu().numpy()
     assert cosines(reference, backend(x)).min() >= MIN_COSINE  # a batch of 3 padded into the bucket of 4
+
+
+def test_unreadable_cached_graph_is_exported_again(tmp_path: Path, small_weights: Path) -> None:
+    embedder = Embedder.from_settings(_settings(tmp_path, small_weights, "onnxruntime"))
+    graph = tmp_path / "data" / "onnx" / f"extractor-{embedder.fingerprint}.onnx"
+    expected = embedder.embed_sync(_images(2))
+    graph.write_bytes(graph.read_bytes()[:1000])  # truncated
+    again = Embedder.from_settings(_settings(tmp_path, small_weights, "onnxruntime"))
+    assert again.backend is not None and again.backend.name.startswith("onnxruntime")
+    np.testing.assert_allclose(again.embed_sync(_images(2)), expected, rtol=1e-5, atol=1e-6)
+    assert graph.stat().st_size > 1000
+
+
+def test_failed_export_is_refused_by_name_and_falls_back_under_auto(
+    tmp_path: Path, small_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_exporter(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no such operator")
+
+    monkeypatch.setattr("app.backends.torch.onnx.export", broken_exporter)
+    with pytest.raises(BackendError, match=r"exporting the extractor to ONNX at .* failed: no such operator"):
+        Embedder.from_settings(_settings(tmp_path, small_weights, "onnxruntime"))
+    fallback = Embedder.from_settings(_settings(tmp_path, small_weights, "auto"))
+    assert fallback.backend is not None and fallback.backend.name == "torch cpu fp32"
