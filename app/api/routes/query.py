@@ -70,10 +70,14 @@ async def query(
         bool, Form(description="true: drop entries of `camera` (as in evaluation); false: keep only them")
     ] = True,
     cameras: Annotated[
-        list[Camera] | None, Form(description="keep only entries of these cameras (repeat the field)"), FORM_CAMERAS
+        list[Camera] | None,
+        Form(max_length=100, description="keep only entries of these cameras (repeat the field)"),
+        FORM_CAMERAS,
     ] = None,
     exclude_cameras: Annotated[
-        list[Camera] | None, Form(description="drop entries of these cameras (repeat the field)"), FORM_CAMERAS
+        list[Camera] | None,
+        Form(max_length=100, description="drop entries of these cameras (repeat the field)"),
+        FORM_CAMERAS,
     ] = None,
     after: Annotated[
         datetime | None, Form(description="only entries captured at or after this time (RFC 3339)"), FORM_TIME
