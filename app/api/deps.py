@@ -54,21 +54,23 @@ def key_matches(given: str | None, key: str) -> bool:
     return hmac.compare_digest((given or "").encode(), key.encode())
 
 
-def get_state(request: Request) -> State:
+# The dependencies are `async def` though they never await: FastAPI runs a plain `def` dependency in the thread
+# pool, a hop per dependency per request for a few attribute reads.
+async def get_state(request: Request) -> State:
     return request.app.state.reid
 
 
 StateDep = Annotated[State, Depends(get_state)]
 
 
-def require_api_key(state: StateDep, given: Annotated[str | None, Security(api_key_header)]) -> None:
+async def require_api_key(state: StateDep, given: Annotated[str | None, Security(api_key_header)]) -> None:
     """The key check of every route but /health (the middleware also guards the docs and unknown paths)."""
     key = state.settings.api_key
     if key is not None and not key_matches(given, key):
         raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header")
 
 
-def ready_state(state: StateDep) -> State:
+async def ready_state(state: StateDep) -> State:
     if not state.ready or state.embedder is None or state.gallery is None:
         raise ApiError(
             503, "not_ready", "the service is starting: model or index not ready yet", headers={"Retry-After": "2"}
@@ -79,12 +81,12 @@ def ready_state(state: StateDep) -> State:
 ReadyDep = Annotated[State, Depends(ready_state)]
 
 
-def ready_gallery(state: ReadyDep) -> Gallery:
+async def ready_gallery(state: ReadyDep) -> Gallery:
     assert state.gallery is not None
     return state.gallery
 
 
-def ready_embedder(state: ReadyDep) -> Embedder:
+async def ready_embedder(state: ReadyDep) -> Embedder:
     assert state.embedder is not None
     return state.embedder
 
