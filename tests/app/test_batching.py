@@ -177,7 +177,8 @@ def test_work_of_a_request_answered_504_is_never_started(settings: Settings) -> 
 
     from tests.app.test_faults import serving
 
-    app = create_app(settings.model_copy(update={"request_timeout_s": 0.5}))
+    # 2 s: time enough, on a busy machine, for the first request to reach its forward pass before its limit.
+    app = create_app(settings.model_copy(update={"request_timeout_s": 2.0}))
     release = threading.Event()
     calls: list[int] = []
     with serving(app) as url, httpx.Client(base_url=url, timeout=HANG_GUARD_S) as client:
