@@ -111,7 +111,7 @@ async def masks_of(state: State, images: list) -> list[np.ndarray]:
     """The images' masks through the mask generator's micro-batcher (409 when the weights hold none)."""
     assert state.embedder is not None
     if not state.embedder.has_mask_generator:
-        raise NO_MASK
+        raise no_mask()
     try:
         return await state.embedder.generate_masks(images)
     except QueueFull as exc:
@@ -125,7 +125,10 @@ def _overloaded(state: State, exc: QueueFull) -> ApiError:
     )
 
 
-NO_MASK = ApiError(409, "no_mask_generator", "the loaded weights have no mask generator; load weights that do")
+def no_mask() -> ApiError:
+    return ApiError(409, "no_mask_generator", "the loaded weights have no mask generator; load weights that do")
+
+
 RETRY_AFTER_S = 1
 
 

@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import NO_MASK, EmbedderDep, EntryId, GalleryDep, ReadyDep, masks_of, uploads
+from app.api.deps import EmbedderDep, EntryId, GalleryDep, ReadyDep, State, masks_of, no_mask, uploads
 from app.api.routes.gallery import existing_entry
 from app.errors import problem_responses
 from app.rendering import View, render_mask
@@ -30,7 +30,7 @@ ViewQuery = Annotated[
 PNG = {200: {"content": {"image/png": {}}, "description": "PNG at the crop's size"}}
 
 
-async def _render(state: ReadyDep, image: Image.Image, view: View) -> Response:
+async def _render(state: State, image: Image.Image, view: View) -> Response:
     [mask] = await masks_of(state, [image])
     assert state.embedder is not None
     body = await run_in_threadpool(render_mask, image, mask, view, state.embedder.config.mask_ratio)
@@ -43,7 +43,7 @@ async def mask_of_entry(
 ) -> Response:
     entry = await existing_entry(gallery, entry_id)
     if not embedder.has_mask_generator:
-        raise NO_MASK
+        raise no_mask()
     path = gallery.data_dir / entry.crop_path
     image = await run_in_threadpool(lambda: Image.open(path).convert("RGB"))
     return await _render(state, image, view)
@@ -57,6 +57,6 @@ async def mask_of_upload(
     view: ViewQuery = "mask",
 ) -> Response:
     if not embedder.has_mask_generator:
-        raise NO_MASK
+        raise no_mask()
     [upload] = await uploads(state, [file])
     return await _render(state, upload.image, view)

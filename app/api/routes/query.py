@@ -18,6 +18,7 @@ from app.api.deps import (
     Camera,
     ReadyDep,
     masks_of,
+    no_mask,
     templates_of,
     uploads,
     utc,
@@ -107,7 +108,7 @@ async def query(
     assert embedder is not None and gallery is not None
     where = entry_filter(camera, exclude_camera, cameras, exclude_cameras, after, before)
     if include_mask and not embedder.has_mask_generator:
-        raise ApiError(409, "no_mask_generator", "the loaded weights have no mask generator; load weights that do")
+        raise no_mask()
     if include_mask and track != "none":
         raise ApiError(422, "invalid_combination", "include_mask answers per file: use it with track=none")
     source: str | None = "request" if threshold is not None else None
