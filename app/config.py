@@ -20,14 +20,30 @@ class Settings(BaseSettings):
     pretrained: Path | None = Field(None, description="ImageNet weights for the trunk when no weights file is set")
     backbone: str = Field("resnet50", description="backbone built when no weights file is set")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    backend: str = Field(
+        "auto", description="auto | torch | onnxruntime; auto: ONNX Runtime on a CPU, PyTorch autocast on CUDA"
+    )
+    cuda_dtype: str = Field(
+        "auto", description="CUDA autocast of the torch backend: auto (bf16 where supported) | bf16 | fp16 | fp32"
+    )
+    cuda_graph_batches: str = Field(
+        "1,2,4,8,16,32", description="CUDA graph batch-size buckets of the torch backend; empty = none"
+    )
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite under data_dir")
     index_factory: str = Field("Flat", description="FAISS index_factory string, e.g. Flat, IVF1024,Flat, HNSW32")
     api_key: str | None = Field(None, description="when set, every route but /health needs X-API-Key", repr=False)
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_request_pixels: int = Field(
+        32 * 1024 * 1024, ge=1, description="decoded pixels of all the images of one request (~100 MB as RGB)"
+    )
     max_files_per_request: int = Field(64, ge=1)
     batch_max_size: int = Field(32, ge=1)
-    batch_max_wait_ms: float = Field(5.0, ge=0)
+    batch_max_wait_ms: float = Field(5.0, ge=0, description="a batch with company waits at most this for more")
+    batch_queue_size: int = Field(256, ge=1, description="images waiting for the network; past it 503 + Retry-After")
+    threshold_fmr: float = Field(
+        0.01, gt=0, lt=1, description="default query threshold: the weights' calibrated one at this false-match rate"
+    )
     request_timeout_s: float = Field(60.0, gt=0)
     db_connect_timeout_s: int = Field(5, ge=1)
     cors_origins: str = Field("", description="comma-separated allowed origins; empty = CORS off")
@@ -48,6 +64,32 @@ class Settings(BaseSettings):
         if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
             raise ValueError(f"unknown device {value!r}; choose auto, cpu, cuda or cuda:N")
         return value
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in ("auto", "torch", "onnxruntime"):
+            raise ValueError(f"unknown backend {value!r}; choose auto, torch or onnxruntime")
+        return value
+
+    @field_validator("cuda_dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"unknown CUDA dtype {value!r}; choose auto, bf16, fp16 or fp32")
+        return value
+
+    @field_validator("cuda_graph_batches")
+    @classmethod
+    def _batch_list(cls, value: str) -> str:
+        parts = [v.strip() for v in value.split(",") if v.strip()]
+        if not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"cuda_graph_batches must be positive integers separated by commas, got {value!r}")
+        return value
+
+    @property
+    def cuda_graph_batch_list(self) -> list[int]:
+        return sorted({int(v) for v in self.cuda_graph_batches.split(",") if v.strip()})
 
     @property
     def cors_origin_list(self) -> list[str]:

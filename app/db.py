@@ -44,6 +44,8 @@ class Entry(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     embedding: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian, feat_dim values
+    # STAND-IN: replaced by the gallery branch. When the crop was taken (default: its upload time).
+    captured_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=lambda: datetime.now(UTC), index=True)
 
 
 def make_engine(url: str, connect_timeout_s: int = 5) -> Engine:

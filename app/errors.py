@@ -21,15 +21,25 @@ PROBLEM_JSON = "application/problem+json"
 class ApiError(Exception):
     """An answer the client can act on: HTTP status, stable code, human message."""
 
-    def __init__(self, status: int, code: str, detail: str, title: str | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, detail: str, title: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
         self.title = title or code.replace("_", " ")
+        self.headers = headers  # e.g. Retry-After on a 503
 
 
-def problem(status: int, code: str, detail: str, title: str | None = None, **extra: object) -> JSONResponse:
+def problem(
+    status: int,
+    code: str,
+    detail: str,
+    title: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: object,
+) -> JSONResponse:
     body = {
         "type": f"https://reid.example/problems/{code}",
         "title": title or code.replace("_", " "),
@@ -38,7 +48,7 @@ def problem(status: int, code: str, detail: str, title: str | None = None, **ext
         "code": code,
         **extra,
     }
-    headers = {"WWW-Authenticate": "ApiKey"} if status == 401 else None
+    headers = {**({"WWW-Authenticate": "ApiKey"} if status == 401 else {}), **(headers or {})}
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
@@ -50,7 +60,7 @@ _DESCRIPTIONS = {
     413: "a file, an image, the number of files or the request body over its limit",
     415: "not an image of an allowed format",
     422: "invalid parameters or form fields",
-    503: "the service is starting, or the database is unreachable",
+    503: "the service is starting or overloaded (with Retry-After), or the database is unreachable",
     504: "the request took longer than REID_REQUEST_TIMEOUT_S",
 }
 
@@ -70,7 +80,7 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized",
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return problem(exc.status, exc.code, exc.detail, exc.title)
+        return problem(exc.status, exc.code, exc.detail, exc.title, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

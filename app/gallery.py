@@ -11,6 +11,8 @@ import hashlib
 import logging
 import os
 import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,30 @@ from app.db import Base, Entry, make_sessionmaker
 from app.index import VectorIndex
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EntryFilter:  # STAND-IN: replaced by the gallery branch
+    cameras: tuple[str, ...] | None = None  # keep only entries of these cameras
+    exclude_cameras: tuple[str, ...] = ()  # drop entries of these cameras
+    after: datetime | None = None  # captured_at >= after
+    before: datetime | None = None  # captured_at < before
+
+    def accepts(self, camera: str | None, captured_at: datetime) -> bool:
+        if self.cameras is not None and camera not in self.cameras:
+            return False
+        if camera in self.exclude_cameras:
+            return False
+        if self.after is not None and captured_at < self.after:
+            return False
+        return self.before is None or captured_at < self.before
+
+
+@dataclass(frozen=True)
+class EntrySummary:  # STAND-IN: replaced by the gallery branch
+    identity: str
+    camera: str | None
+    captured_at: datetime
 
 
 class Gallery:
@@ -38,6 +64,8 @@ class Gallery:
         self.lock = threading.RLock()
         self.index = VectorIndex(dim, factory, use_gpu)
         self.rebuilt = False
+        # STAND-IN: replaced by the gallery branch. id -> (camera, captured_at), the filters' facts in memory.
+        self._facts: dict[int, tuple[str | None, datetime]] = {}
 
     # -- start-up -----------------------------------------------------------------------------------
 
@@ -60,6 +88,9 @@ class Gallery:
                 if loaded is not None:
                     logger.warning("index file %s is stale; rebuilding from the database", self.index_path)
                 self.rebuild()
+            with self.sessions() as session:  # STAND-IN: replaced by the gallery branch
+                rows = session.execute(select(Entry.id, Entry.camera, Entry.captured_at)).all()
+            self._facts = {int(i): (camera, _utc(at)) for i, camera, at in rows}
 
     def rebuild(self) -> None:
         with self.lock:
@@ -110,7 +141,10 @@ class Gallery:
         meta: dict[str, Any],
         crops: list[tuple[str, str, int, int]],
         vectors: np.ndarray,
+        captured_at: datetime | None = None,
     ) -> list[Entry]:
+        """``captured_at``: when the crops were taken (default: now, the upload time)."""
+        captured_at = _utc(captured_at or datetime.now(UTC))
         with self.lock:
             with self.sessions() as session, session.begin():
                 entries = [
@@ -123,6 +157,7 @@ class Gallery:
                         width=width,
                         height=height,
                         embedding=np.asarray(vector, dtype="<f4").tobytes(),
+                        captured_at=captured_at,
                     )
                     for (digest, relative, width, height), vector in zip(crops, vectors, strict=True)
                 ]
@@ -131,6 +166,7 @@ class Gallery:
             ids = np.array([e.id for e in entries], dtype=np.int64)
             self.index.add(ids, vectors)
             self.index.save(self.index_path)
+            self._facts.update({int(i): (camera, captured_at) for i in ids})
             return entries
 
     def delete(self, ids: list[int]) -> int:
@@ -139,6 +175,8 @@ class Gallery:
                 session.execute(delete(Entry).where(Entry.id.in_(ids)))
             removed = self.index.remove(np.array(ids, dtype=np.int64))
             self.index.save(self.index_path)
+            for i in ids:
+                self._facts.pop(int(i), None)
             return removed
 
     # -- reads ----------------------------------------------------------------------------------------
@@ -174,9 +212,43 @@ class Gallery:
             ).all()
         return [(r[0], int(r[1])) for r in rows]
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def summaries(self, ids: list[int]) -> dict[int, EntrySummary]:  # STAND-IN: replaced by the gallery branch
+        """What an answer shows of each entry; the embedding column is not read."""
+        if not ids:
+            return {}
+        with self.sessions() as session:
+            rows = session.execute(
+                select(Entry.id, Entry.identity, Entry.camera, Entry.captured_at).where(Entry.id.in_(ids))
+            ).all()
+        return {int(i): EntrySummary(identity, camera, _utc(at)) for i, identity, camera, at in rows}
+
+    def search(self, queries: np.ndarray, k: int, where: EntryFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(squared L2 distances (n, k), ids (n, k)), -1 padded; ``where`` applied inside FAISS."""
         with self.lock:
-            return self.index.search(queries, k)
+            queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
+            if where is None:
+                distances, ids = self.index.search(queries, k)
+            else:  # STAND-IN: replaced by the gallery branch (ids filtered in memory, an IDSelectorBatch)
+                allowed = np.fromiter(
+                    (i for i, (camera, at) in self._facts.items() if where.accepts(camera, at)), dtype=np.int64
+                )
+                distances, ids = self.index.search(queries, k, allowed)
+        return _pad(distances, ids, k, len(queries))
 
     def __len__(self) -> int:
         return len(self.index)
+
+
+def _utc(value: datetime) -> datetime:
+    """SQLite gives back naive datetimes: they are UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _pad(distances: np.ndarray, ids: np.ndarray, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Widen FAISS's (n, k') answer to (n, k): distance inf, id -1 in the missing slots."""
+    out_d = np.full((n, k), np.inf, dtype=np.float32)
+    out_i = np.full((n, k), -1, dtype=np.int64)
+    width = min(k, ids.shape[1]) if ids.ndim == 2 else 0
+    out_d[:, :width] = distances[:, :width]
+    out_i[:, :width] = ids[:, :width]
+    return out_d, out_i

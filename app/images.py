@@ -1,12 +1,15 @@
-"""Reading uploads safely: size limit while streaming, an allow-list of formats, a pixel limit."""
+"""Reading uploads safely: size limit while streaming, an allow-list of formats, a pixel limit per image and
+one per request (its decoded pixels together)."""
 
 from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 from fastapi import UploadFile
 from PIL import Image, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
 
 from app.errors import ApiError
 from models import to_rgb
@@ -32,8 +35,11 @@ async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def decode_image(data: bytes, max_pixels: int, name: str = "upload") -> Image.Image:
-    """Bytes -> 8-bit RGB image (first frame), or a 4xx ApiError naming what is wrong."""
+def decode_image(
+    data: bytes, max_pixels: int, name: str = "upload", request_pixels_left: int | None = None
+) -> Image.Image:
+    """Bytes -> 8-bit RGB image (first frame), or a 4xx ApiError naming what is wrong. Both pixel limits are
+    checked from the header, before anything is decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -41,6 +47,13 @@ def decode_image(data: bytes, max_pixels: int, name: str = "upload") -> Image.Im
             width, height = image.size
             if width * height > max_pixels or width < 1 or height < 1:
                 raise ApiError(413, "image_too_large", f"{name} is {width}x{height}: over the {max_pixels}-pixel limit")
+            if request_pixels_left is not None and width * height > request_pixels_left:
+                raise ApiError(
+                    413,
+                    "request_too_many_pixels",
+                    f"{name} ({width}x{height}) takes the request's images over their decoded-pixel limit "
+                    "(REID_MAX_REQUEST_PIXELS); send fewer or smaller images per request",
+                )
             image.seek(0)
             image.load()
             return to_rgb(image).copy()
@@ -54,3 +67,27 @@ def decode_image(data: bytes, max_pixels: int, name: str = "upload") -> Image.Im
         ) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ApiError(400, "corrupt_image", f"{name} is truncated or corrupt: {exc}") from exc
+
+
+@dataclass
+class Upload:
+    data: bytes
+    image: Image.Image  # 8-bit RGB
+    filename: str | None
+
+
+async def read_images(
+    files: list[UploadFile], max_files: int, max_bytes: int, max_pixels: int, max_request_pixels: int
+) -> list[Upload]:
+    """Every upload of a request read and decoded, off the event loop, within the file-count, byte and pixel
+    limits (a 4xx ApiError otherwise)."""
+    if len(files) > max_files:
+        raise ApiError(413, "too_many_files", f"{len(files)} files: at most {max_files} a request")
+    out: list[Upload] = []
+    left = max_request_pixels
+    for upload in files:
+        data = await read_upload(upload, max_bytes)
+        image = await run_in_threadpool(decode_image, data, max_pixels, upload.filename or "upload", left)
+        left -= image.width * image.height
+        out.append(Upload(data, image, upload.filename))
+    return out

@@ -13,6 +13,17 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+# STAND-IN: replaced by the gallery branch (its GPU k cap).
+# GPU FAISS answers at most this many neighbours per query (faiss/gpu/utils/DeviceDefs.cuh, GPU_MAX_SELECTION_K).
+GPU_MAX_K = 2048
+
+
+def bounded_k(k: int, size: int, gpu: bool) -> int:
+    """The k a search may ask for: at most the index's size, and on a GPU at most GPU_MAX_K (asking more is an
+    error there, which the service would answer as a 500)."""
+    k = min(int(k), size)
+    return min(k, GPU_MAX_K) if gpu else k
+
 
 class VectorIndex:
     """add / remove / search by int64 id; distances are FAISS's squared L2."""
@@ -65,14 +76,30 @@ class VectorIndex:
             self._gpu = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)
         return self._gpu
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(squared L2 distances, ids), each (n, k'), k' = min(k, len); missing slots are id -1."""
+    # STAND-IN: replaced by the gallery branch (filtered search with an IDSelector, the GPU k bound).
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(squared L2 distances, ids), each (n, k'), k' = ``bounded_k(k)``; missing slots are id -1.
+
+        ``allowed``: only these ids may be answered, filtered inside FAISS by an ``IDSelectorBatch`` (one pass,
+        no widening). Filtered searches run on the CPU master copy: GPU indexes take no selector."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        k = min(int(k), len(self))
+        k = bounded_k(k, len(self), self.use_gpu) if allowed is None else min(int(k), len(allowed), len(self))
         if k <= 0:
-            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        distances, ids = self._searcher().search(queries, k)
-        return distances, ids
+            return np.zeros((len(queries), 0), np.float32), np.full((len(queries), 0), -1, np.int64)
+        if allowed is None:
+            return self._searcher().search(queries, k)
+        selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+        return self.index.search(queries, k, params=self._params(selector))
+
+    def _params(self, selector: faiss.IDSelector) -> faiss.SearchParameters:
+        """Search parameters carrying ``selector`` and the index's own search-time settings (a bare
+        SearchParameters would reset an IVF's nprobe or an HNSW's efSearch to FAISS's defaults)."""
+        inner = faiss.downcast_index(self.index.index)
+        if isinstance(inner, faiss.IndexHNSW):
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+        if isinstance(inner, faiss.IndexIVF):
+            return faiss.SearchParametersIVF(sel=selector, nprobe=inner.nprobe)
+        return faiss.SearchParameters(sel=selector)
 
     def save(self, path: Path) -> None:
         """Atomically: write a temporary file beside ``path``, then ``os.replace``."""

@@ -14,6 +14,9 @@ class EntryOut(BaseModel):
     camera: str | None = Field(None, description="camera the crop came from", examples=["c1"])
     metadata: dict[str, Any] = Field(default_factory=dict, description="free metadata", examples=[{"site": "A"}])
     created_at: datetime = Field(description="when it was enrolled (UTC)", examples=["2026-01-01T12:00:00Z"])
+    captured_at: datetime = Field(
+        description="when the crop was taken (UTC; the upload time unless given)", examples=["2026-01-01T11:58:03Z"]
+    )
     width: int = Field(description="stored crop width in pixels", examples=[64])
     height: int = Field(description="stored crop height in pixels", examples=[128])
 
@@ -29,6 +32,7 @@ class Match(BaseModel):
     id: int = Field(description="matching entry id", examples=[42])
     identity: str = Field(description="its identity", examples=["0001"])
     camera: str | None = Field(None, description="its camera", examples=["c2"])
+    captured_at: datetime = Field(description="when its crop was taken (UTC)", examples=["2026-01-01T11:58:03Z"])
     distance: float = Field(description="Euclidean (not squared) L2 distance between templates", examples=[3.2])
     similarity: float = Field(description="1 / (1 + distance), in (0, 1]; 1 = identical", examples=[0.24])
 
@@ -42,10 +46,18 @@ class IdentityMatch(BaseModel):
 
 
 class QueryResult(BaseModel):
-    filename: str | None = Field(None, description="the uploaded file's name", examples=["probe.jpg"])
+    filename: str | None = Field(
+        None, description="the uploaded file's name (a track query: none, see `files`)", examples=["probe.jpg"]
+    )
+    files: int = Field(1, description="crops this ranking is made from (more than 1: a track query)", examples=[1])
     matches: list[Match] = Field(description="nearest entries first")
     identities: list[IdentityMatch] = Field(description="identities by best distance, nearest first")
     threshold: float | None = Field(None, description="L2 distance threshold used (none = all match)", examples=[5.0])
+    threshold_source: str | None = Field(
+        None,
+        description='where the threshold came from: "request", "weights (FMR 0.01, val)" (calibrated), or none',
+        examples=["weights (FMR 0.01, val)"],
+    )
     mask_png_base64: str | None = Field(None, description="the query's attention mask (include_mask=true)")
 
 
@@ -83,6 +95,10 @@ class Health(BaseModel):
     mask_generator: bool = Field(description="the weights hold a mask generator", examples=[True])
     provenance: dict[str, Any] = Field(default_factory=dict, description="what the weights file says about itself")
     device: str = Field(description="torch device", examples=["cuda:0"])
+    backend: str = Field(
+        description="what runs the extractor (REID_BACKEND)", examples=["onnxruntime CPUExecutionProvider"]
+    )
+    fingerprint: str = Field(description="sha256 of the extractor's config and tensors", examples=["3f2a..."])
     gallery_size: int = Field(description="entries in the index", examples=[1200])
 
 

@@ -1,9 +1,11 @@
 """The service end to end: ``uvicorn app.main:app`` in its own process on 127.0.0.1, an async HTTP client
-(httpx) on loopback. Latency p50/p95/p99 and throughput of ``POST /query`` at 1, 4, 16 and 64 concurrent
-clients and of ``POST /gallery`` batches, against the bare extractor on the same images (in this process: the
-ratio is the service's overhead), and dynamic micro-batching (the default ``REID_BATCH_MAX_SIZE``) against
-one-by-one (``REID_BATCH_MAX_SIZE=1``). Both servers are up at once and measured turn about, so their ratio
-is paired within a round.
+(httpx) on loopback. First the inference backends the service can serve with (``app.backends``: eager fp32
+PyTorch, ONNX Runtime, and on CUDA autocast + CUDA graphs) at batch 1, 8 and 32, images/s and parity with fp32.
+Then latency p50/p95/p99 and throughput of ``POST /query`` at 1 and 16 concurrent clients and of
+``POST /gallery`` batches, against the bare call of the servers' own backend on the same crops (in this
+process: the ratio is the service's overhead), and dynamic micro-batching (the default
+``REID_BATCH_MAX_SIZE``) against one-by-one (``REID_BATCH_MAX_SIZE=1``). Both servers are up at once and
+measured turn about, so their ratio is paired within a round.
 
     python -m bench.service
 
@@ -17,6 +19,7 @@ import asyncio
 import io
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,12 +33,14 @@ import httpx
 import torch
 from PIL import Image
 
+from app.backends import Backend, TorchBackend, check_parity, load_backend
 from app.config import Settings
 from app.embedder import pick_device
 from bench.common import (
     Table,
     add_common_args,
     int_list,
+    interleaved_rounds,
     median,
     paired_ratio,
     percentile,
@@ -43,7 +48,7 @@ from bench.common import (
     setup,
     time_call,
 )
-from models import ModelConfig, build_eval_transform, build_extractor, load_weights, save_weights
+from models import ModelConfig, build_eval_transform, build_extractor, extractor_fingerprint, load_weights, save_weights
 
 logger = logging.getLogger("bench.service")
 
@@ -77,6 +82,7 @@ def start_server(server: Server, weights: Path, data_dir: Path, args: argparse.N
         "REID_DATA_DIR": str(data_dir),
         "REID_WEIGHTS": str(weights),
         "REID_DEVICE": args.device,
+        "REID_BACKEND": args.backend,
         "REID_BATCH_MAX_SIZE": str(server.batch_max_size),
         "REID_BATCH_MAX_WAIT_MS": str(args.batch_max_wait_ms),
         "REID_MAX_FILES_PER_REQUEST": str(max(args.gallery_batches)),
@@ -169,28 +175,83 @@ def enroll(url: str, images: list[bytes], files_per_request: int, identity: str)
 
 
 class Bare:
-    """The extractor of the same weights file in this process, on already preprocessed tensors; measured right
-    before each service measurement it is compared with, so that both see the same load on the machine."""
+    """The servers' own backend (``app.backends.load_backend`` with the same REID_BACKEND, on the same cached
+    ONNX graph) in this process, on already preprocessed tensors; measured right before each service
+    measurement it is compared with, so that both see the same load on the machine."""
 
-    def __init__(self, weights: Path, images: list[bytes], device: str) -> None:
+    def __init__(self, weights: Path, images: list[bytes], device: str, backend: str, cache_dir: Path) -> None:
         self.device = pick_device(device)  # the service's own choice of device
         model = load_weights(weights, self.device)
-        self.extractor = model.extractor
+        self.model = model
+        self.fingerprint = extractor_fingerprint(model.config, model.extractor.state_dict())
+        self.cache_dir = cache_dir
+        self.backend: Backend = load_backend(
+            backend, model.extractor, "extractor", model.config, self.fingerprint, cache_dir
+        )
         transform = build_eval_transform(model.config)
         self.tensors = torch.stack([transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
 
+    def batch(self, size: int) -> torch.Tensor:
+        return self.tensors[torch.arange(size) % len(self.tensors)]
+
     def forward_seconds(self, batch: int, calls: int) -> float:
-        """Median seconds of one forward pass at ``batch`` over ``calls`` calls (after one untimed)."""
-        x = self.tensors[torch.arange(batch) % len(self.tensors)].to(self.device)
+        """Median seconds of one backend call at ``batch`` over ``calls`` calls (after one untimed)."""
+        x = self.batch(batch)
+        self.backend(x)
+        return median([time_call(lambda: self.backend(x)) for _ in range(calls)])
 
-        def call() -> None:
-            with torch.inference_mode():
-                self.extractor(x)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
 
-        call()
-        return median([time_call(call) for _ in range(calls)])
+def measure_backends(bare: Bare, args: argparse.Namespace) -> Table:
+    """Each backend the service could serve with, on the crops, turn about at each batch size."""
+    model = bare.model
+    backends: dict[str, Backend] = {"eager fp32 (the reference)": TorchBackend(model.extractor, bare.device)}
+    for kind in ("onnxruntime", "torch") if bare.device.type == "cuda" else ("onnxruntime",):
+        try:
+            backend = load_backend(kind, model.extractor, "extractor", model.config, bare.fingerprint, bare.cache_dir)
+            backends[backend.name] = backend
+        except ValueError as exc:  # not installed or refused: a row saying so
+            logger.warning("%s: %s", kind, exc)
+            backends[f"{kind} (refused)"] = None  # type: ignore[assignment]
+    table = Table(
+        "Inference backends (app.backends)",
+        [
+            "backend",
+            "batch",
+            "ms per call (median)",
+            "images/s",
+            "x eager fp32 (paired)",
+            "parity: min cosine",
+            "rounds",
+        ],
+    )
+    parities = {name: check_parity(model.extractor, b, model.config) for name, b in backends.items() if b is not None}
+    for batch in args.backend_batches:
+        x = bare.batch(batch)
+        calls = {name: (lambda b=b, x=x: b(x)) for name, b in backends.items() if b is not None}
+        for call in calls.values():
+            call()  # warm-up: arenas, graphs
+        times = interleaved_rounds(calls, args.backend_rounds)
+        reference = times["eager fp32 (the reference)"]
+        for name in backends:
+            if name not in calls:
+                table.add(name, batch, "refused", None, None, None, None)
+                continue
+            seconds = median(times[name])
+            table.add(
+                name,
+                batch,
+                1e3 * seconds,
+                batch / seconds,
+                paired_ratio(reference, times[name]),
+                min(parities[name].cosines),
+                len(times[name]),
+            )
+    table.notes.append(
+        f"{len(bare.tensors)} preprocessed crops cycled into each batch, in this process; parity: the cosine of each "
+        "template with fp32 PyTorch on app.backends' fixed batch, the smallest of them (the service refuses a "
+        f"backend under 0.999). The servers below serve with REID_BACKEND={args.backend}: {bare.backend.name}."
+    )
+    return table
 
 
 # -- main ------------------------------------------------------------------------------------------------------
@@ -202,7 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-size", default="224x112", help="HxW of the network input (the paper's 224x112)")
     parser.add_argument("--weights", type=Path, default=None, help="a weights file to serve instead (random if unset)")
     parser.add_argument("--device", default="auto", help="REID_DEVICE of the servers and the bare extractor")
-    parser.add_argument("--clients", type=int_list, default=[1, 4, 16, 64], help="concurrent clients of POST /query")
+    parser.add_argument("--clients", type=int_list, default=[1, 16], help="concurrent clients of POST /query")
+    parser.add_argument("--backend", default="auto", help="REID_BACKEND of the servers and of the bare call")
+    parser.add_argument(
+        "--backend-batches", type=int_list, default=[1, 8, 32], help="batch sizes of the backends table"
+    )
+    parser.add_argument("--backend-rounds", type=int, default=5, help="interleaved rounds per batch, backends table")
     parser.add_argument(
         "--requests", type=int, default=32, help="POST /query per round and level (at least 2 per client)"
     )
@@ -252,18 +318,23 @@ def main(argv: list[str] | None = None) -> int:
             config = ModelConfig(backbone=args.backbone, input_height=height, input_width=width)
             weights = save_weights(tmp / "weights.safetensors", build_extractor(config).eval(), None)
         images = crops(tmp / "crops", args.images)
+        # The bare call's backend first: its ONNX export (once) is copied to each server's cache.
+        bare = Bare(weights, images, args.device, args.backend, tmp / "onnx")
+        backends = measure_backends(bare, args)
         try:
             for i, server in enumerate(servers):
+                (tmp / f"data{i}").mkdir()
+                if (tmp / "onnx").is_dir():
+                    shutil.copytree(tmp / "onnx", tmp / f"data{i}" / "onnx")
                 start_server(server, weights, tmp / f"data{i}", args)
             for server in servers:
                 wait_ready(server, args.start_timeout_s)
             logger.info("servers ready: %s", ", ".join(f"{s.name} at {s.url}" for s in servers))
-            bare = Bare(weights, images, args.device)
             _measure(servers, images, bare, args)
         finally:
             for server in servers:
                 stop_server(server)
-    tables = _tables(servers, bare, args, weights)
+    tables = [backends, *_tables(servers, bare, args, weights)]
     report("Service end to end", "bench.service", tables, started, results, argv)
     return 0
 
@@ -304,6 +375,7 @@ def _tables(servers: list[Server], bare: Bare, args: argparse.Namespace, weights
             "x one-by-one (paired)",
             "bare extractor batch",
             "bare ms",
+            "p50 / bare",
             "bare images/s",
             "overhead (bare images/s / requests/s)",
         ],
@@ -325,6 +397,7 @@ def _tables(servers: list[Server], bare: Bare, args: argparse.Namespace, weights
                 paired_ratio(rates, single.query_rate[clients]),
                 batch,
                 1e3 * median(server.query_bare[clients]),
+                percentile(latencies, 50) / median(server.query_bare[clients]),
                 median(bare_rates),
                 paired_ratio(bare_rates, rates),
             )
@@ -333,12 +406,14 @@ def _tables(servers: list[Server], bare: Bare, args: argparse.Namespace, weights
         "latencies; requests/s is the median over rounds; x one-by-one is the median over rounds of this server's "
         "requests/s / the one-by-one server's in the same round (the micro-batching gain).",
         "One 128x64 JPEG crop per request, top_k 10, over a gallery of the few crops enrolled below (search cost: "
-        "see bench.index). bare: the extractor's forward pass in the bench process on preprocessed tensors at the "
-        "largest batch the server could form (min(clients, REID_BATCH_MAX_SIZE)), median of "
-        f"{args.bare_calls} calls just before the server's turn; overhead: median over rounds of bare images/s / "
-        "requests/s (1 = none).",
+        "see bench.index). bare: one call of the servers' backend in the bench process on preprocessed tensors at "
+        "the largest batch the server could form (min(clients, REID_BATCH_MAX_SIZE)), median of "
+        f"{args.bare_calls} calls just before the server's turn; p50 / bare: the request's median latency over "
+        "the bare call (at 1 client: what the service adds, goal <= 1.10); overhead: median over rounds of bare "
+        "images/s / requests/s (1 = none).",
         f"Weights: {weights.name if args.weights else f'random {args.backbone} (models.save_weights)'}; "
-        f"REID_BATCH_MAX_WAIT_MS={args.batch_max_wait_ms}; device {bare.device}; torch threads "
+        f"REID_BACKEND={args.backend} ({bare.backend.name}); REID_BATCH_MAX_WAIT_MS={args.batch_max_wait_ms}; "
+        f"device {bare.device}; torch threads "
         f"{torch.get_num_threads()} in the servers and the bench process.",
     ]
     gallery = Table(
@@ -361,7 +436,7 @@ def _tables(servers: list[Server], bare: Bare, args: argparse.Namespace, weights
     gallery.notes.append(
         "Each request embeds its files in one forward pass (on either server: REID_BATCH_MAX_SIZE bounds the "
         "batching across requests, not within one), stores the crops as PNG, commits to SQLite and saves "
-        "the index file (fsync); bare: the forward pass alone at that batch, just before each request; overhead: "
+        "the index file (fsync); bare: the backend's call alone at that batch, just before each request; overhead: "
         "the median of request time / bare time."
     )
     return [query, gallery]

@@ -60,7 +60,7 @@ def test_key_is_compared_in_constant_time(keyed: Settings, monkeypatch: pytest.M
         calls.append((a, b))
         return compare_digest(a, b)
 
-    monkeypatch.setattr("app.main.hmac.compare_digest", recording)
+    monkeypatch.setattr("app.api.deps.hmac.compare_digest", recording)
     with TestClient(create_app(keyed)) as client:
         for url in ("/gallery", "/ready", "/metrics", "/identities", "/openapi.json"):
             assert client.get(url, headers={"X-API-Key": "guess"}).status_code == 401

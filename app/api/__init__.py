@@ -1,0 +1,1 @@
+"""The HTTP layer: routes per resource (``routes/``), their dependencies (``deps``) and the middlewares."""

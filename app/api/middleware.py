@@ -1,0 +1,92 @@
+"""The middlewares: the request body's byte limit while it streams, and the guard around every request (the
+API key, Content-Length, the time limit and its deadline for queued work, metrics, no traceback ever out)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.deps import API_KEY_HEADER, State, key_matches
+from app.embedder import request_deadline
+from app.errors import problem
+
+logger = logging.getLogger(__name__)
+
+# Metric labels: a label set lives for ever, so invented methods are one "other", unknown paths "unmatched".
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OPEN_PATHS = frozenset({"/health"})  # answered without the API key: liveness probes carry none
+
+
+class BodyLimit:
+    """Counts the request body as it streams in and refuses it (413) once past ``limit`` bytes: a body sent
+    without Content-Length (chunked) would otherwise be spooled to disk whole before any upload check."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                # An HTTPException is what FastAPI lets out of its body parsing, to the 413 problem handler.
+                raise StarletteHTTPException(413, f"the request body is over the {self.limit}-byte limit")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def install_middlewares(app: FastAPI, state: State) -> None:
+    settings = state.settings
+    metrics = state.metrics
+    body_limit = settings.max_upload_bytes * settings.max_files_per_request + 1024 * 1024
+    app.add_middleware(BodyLimit, limit=body_limit)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Response:
+        route = request.url.path
+        key = settings.api_key
+        if key is not None and route not in OPEN_PATHS and not key_matches(request.headers.get(API_KEY_HEADER), key):
+            return problem(401, "unauthorized", "missing or wrong X-API-Key header")  # the docs and the schema too
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > body_limit):
+            return problem(413, "request_too_large", f"the request body is over the {body_limit}-byte limit")
+        start = time.perf_counter()
+        # Queued forward passes of this request are dropped once it is past its time (it was answered 504).
+        token = request_deadline.set(time.monotonic() + settings.request_timeout_s)
+        try:
+            response = await asyncio.wait_for(call_next(request), settings.request_timeout_s)
+        except TimeoutError:
+            logger.warning("request %s %s timed out after %.1f s", request.method, route, settings.request_timeout_s)
+            response = problem(504, "timeout", f"the request took over {settings.request_timeout_s} s")
+        except Exception:
+            logger.exception("unhandled error on %s %s", request.method, route)
+            response = problem(500, "internal_error", "an unexpected error occurred; it has been logged")
+        finally:
+            request_deadline.reset(token)
+        matched = request.scope.get("route")
+        name = getattr(matched, "path", "unmatched")
+        method = request.method if request.method in HTTP_METHODS else "other"
+        metrics.requests.labels(method, name, str(response.status_code)).inc()
+        metrics.latency.labels(name).observe(time.perf_counter() - start)
+        return response
+
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["*"], allow_headers=["*"]
+        )
