@@ -46,6 +46,7 @@ from app.schemas import (
     QueryResult,
     Ready,
 )
+from app.ui import install_ui, is_public_path  # UI branch
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ EntryId = Annotated[int, Path(ge=1, le=2**63 - 1, description="entry id")]
 FORM_TEXT = WithJsonSchema({"type": "string"})
 FORM_CAMERA = WithJsonSchema({"type": "string", "maxLength": 100})
 FORM_THRESHOLD = WithJsonSchema({"type": "number", "minimum": 0})
+QUERY_LIMIT = WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 1000})  # UI branch: absent, never null
 # Metric labels: a label set lives for ever, so invented methods are one "other", unknown paths "unmatched".
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 NO_WEIGHTS_WARNING = "no trained weights loaded (REID_WEIGHTS unset): matches are meaningless"
@@ -217,6 +219,23 @@ def _parse_metadata(metadata: str | None) -> dict[str, Any]:
     return value
 
 
+# UI branch: the identities listing, paged; the list shape of the answer is kept for today's clients.
+TOTAL_COUNT_HEADER = {
+    "X-Total-Count": {"description": "number of identities in the gallery", "schema": {"type": "integer"}}
+}
+
+
+def identity_page(gallery: Gallery, offset: int, limit: int | None) -> tuple[int, list[IdentityOut]]:
+    """(number of identities, the page of them by name, each with its first entry as thumbnail)."""
+    rows = gallery.identities()
+    page = rows[offset:] if limit is None else rows[offset : offset + limit]
+    out = []
+    for identity, entries in page:
+        _, first = gallery.list(identity, 0, 1)  # the lowest id: its first enrolled crop
+        out.append(IdentityOut(identity=identity, entries=entries, thumbnail=first[0].id if first else None))
+    return len(rows), out
+
+
 UPLOAD_ERRORS = problem_responses(400, 415)
 
 
@@ -284,12 +303,46 @@ def build_router() -> APIRouter:
         state.size.set(len(state.gallery))
         return DeleteResult(deleted=1)
 
-    @router.get("/identities", response_model=list[IdentityOut], tags=["identities"])
-    async def list_identities(request: Request) -> list[IdentityOut]:
+    # UI branch: `GET /gallery/{id}/image`, the stored crop, for the page's thumbnails and mask views.
+    @router.get(
+        "/gallery/{entry_id}/image",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}, "description": "the stored crop, PNG"}} | problem_responses(404),
+        tags=["gallery"],
+    )
+    async def entry_image(request: Request, entry_id: EntryId) -> Response:
+        """The crop as stored at enrollment: a PNG of the decoded upload (RGB, its original size)."""
+        state = _ready_state(request)
+        entry = await _entry(state, entry_id)
+        assert state.gallery is not None
+        path = state.gallery.data_dir / entry.crop_path
+        try:
+            body = await run_in_threadpool(path.read_bytes)
+        except FileNotFoundError:
+            # A database restored without its crops folder (docs/API.md, Backup and restore).
+            raise ApiError(404, "crop_not_found", f"the stored crop of entry {entry_id} is missing") from None
+        return Response(body, media_type="image/png", headers={"X-Content-Type-Options": "nosniff"})
+
+    # UI branch: paged with `offset` / `limit`, a thumbnail entry id per identity, the total in X-Total-Count.
+    @router.get(
+        "/identities",
+        response_model=list[IdentityOut],
+        responses={200: {"description": "identities by name", "headers": TOTAL_COUNT_HEADER}},
+        tags=["identities"],
+    )
+    async def list_identities(
+        request: Request,
+        response: Response,
+        offset: Annotated[int, Query(ge=0, le=2**31, description="first identity, by name")] = 0,
+        limit: Annotated[
+            int | None, Query(ge=1, le=1000, description="page size; absent: all of them"), QUERY_LIMIT
+        ] = None,
+    ) -> list[IdentityOut]:
         state = _ready_state(request)
         assert state.gallery is not None
-        rows = await run_in_threadpool(state.gallery.identities)
-        return [IdentityOut(identity=i, entries=n) for i, n in rows]
+        total, page = await run_in_threadpool(identity_page, state.gallery, offset, limit)
+        response.headers["X-Total-Count"] = str(total)
+        return page
 
     @router.delete(
         "/identities/{identity}", response_model=DeleteResult, responses=problem_responses(404), tags=["identities"]
@@ -506,13 +559,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(build_router())
     ops = build_ops_router()
     app.include_router(ops)
+    install_ui(app)  # UI branch: the page at /ui
     body_limit = settings.max_upload_bytes * settings.max_files_per_request + 1024 * 1024
     app.add_middleware(BodyLimit, limit=body_limit)
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
         route = request.url.path
-        if settings.api_key is not None and route != "/health":  # the docs and the schema too
+        # The docs and the schema need the key too; the page's shell and assets hold no data.  # UI branch
+        if settings.api_key is not None and route != "/health" and not is_public_path(route):
             given = request.headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
                 return problem(401, "unauthorized", "missing or wrong X-API-Key header")

@@ -1,0 +1,279 @@
+"""The page at /ui in a real headless Chromium against a real uvicorn process: enroll real CUHK03 crops through
+it, find a person by another shot, see the attention masks as decoded pixels, delete, and the API key asked for.
+Nothing the page asks for leaves the service's origin, and its Content-Security-Policy allows no inline script."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import build_eval_transform, load_weights
+from tests.app.server import Server
+from tests.conftest import SHARED_DATA, require_shared
+from tests.ui.conftest import ARTIFACTS
+
+pytestmark = [pytest.mark.shared, pytest.mark.slow]
+
+# Four CUHK03 val people, each enrolled with a camera-A and a camera-B shot; the query is another camera-A shot
+# (01) of the second one, a near-duplicate of its enrolled shot 00.
+PEOPLE = [12, 13, 14, 15]
+QUERY_PID = 13
+KEY = "ui-test-key-4b9d"
+VIEWS = ["crop", "mask", "overlay", "hidden"]
+TIMEOUT_MS = 60_000  # a busy 2-core machine; a step that passes waits only as long as it needs
+
+
+def _crop(pid: int, shot: str) -> Path:
+    return require_shared(SHARED_DATA / "cuhk03-detected" / "val") / f"{pid:04d}_{shot}.jpg"
+
+
+def _identity(pid: int) -> str:
+    return f"cuhk03-{pid:04d}"
+
+
+class Watcher:
+    """Every request the page makes, its answers over 399, every console error and uncaught exception."""
+
+    def __init__(self, page: Any) -> None:
+        self.requests: list[Any] = []
+        self.failed: list[tuple[str, str, int]] = []
+        self.errors: list[str] = []
+        page.on("request", self._request)
+        page.on("response", self._response)
+        page.on("console", self._console)
+        page.on("pageerror", self._page_error)
+
+    def _request(self, request: Any) -> None:
+        self.requests.append(request)
+
+    def _response(self, response: Any) -> None:
+        if response.status >= 400:
+            self.failed.append((response.request.method, response.url.split("?")[0], response.status))
+
+    def _console(self, message: Any) -> None:
+        # Chromium logs each 4xx answer as "Failed to load resource"; those are checked in `failed` instead.
+        if message.type == "error" and not message.text.startswith("Failed to load resource"):
+            self.errors.append(message.text)
+
+    def _page_error(self, error: Any) -> None:
+        self.errors.append(str(error))
+
+    def urls(self) -> list[str]:
+        return [request.url for request in self.requests]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, ui_weights: Path) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("ui-server")
+    running = Server(root / "data", ui_weights, root / "server.log")
+    running.start()
+    yield running
+    running.stop()
+
+
+def _open(browser: Any, url: str) -> tuple[Any, Any, Watcher]:
+    context = browser.new_context(viewport={"width": 1366, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    watcher = Watcher(page)
+    page.goto(f"{url}/ui")
+    return context, page, watcher
+
+
+def _decoded(page: Any, selector: str) -> np.ndarray:
+    """The pixels the browser decoded for an <img>, read back through a canvas: (H, W, 4) uint8."""
+    width, height, data = page.eval_on_selector(
+        selector,
+        """(img) => {
+            const canvas = document.createElement("canvas");
+            canvas.width = img.naturalWidth;
+            canvas.height = img.naturalHeight;
+            const context = canvas.getContext("2d");
+            context.drawImage(img, 0, 0);
+            const bytes = context.getImageData(0, 0, canvas.width, canvas.height).data;
+            let text = "";
+            for (let i = 0; i < bytes.length; i += 1) text += String.fromCharCode(bytes[i]);
+            return [canvas.width, canvas.height, btoa(text)];
+        }""",
+    )
+    return np.frombuffer(base64.b64decode(data), dtype=np.uint8).reshape(height, width, 4)
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    """An encoded image as RGBA pixels, as a canvas gives them, (H, W, 4) int."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGBA"), dtype=np.int32)
+
+
+def _check_views(page: Any, expected: Any, crop_tolerance: int = 0) -> None:
+    """Toggle each view of the open mask dialog: the decoded picture changes, and is the API's own PNG
+    (``expected(view)``: its pixels). A JPEG query crop is shown as the file itself: decoders may differ by a
+    rounding step there."""
+    page.wait_for_selector("#mask-dialog[data-loaded]")
+    seen: dict[str, np.ndarray] = {}
+    for view in VIEWS:
+        page.check(f'#mask-views input[value="{view}"]')
+        page.wait_for_selector(f'#mask-focus-image[data-view="{view}"]')
+        page.wait_for_function("() => document.querySelector('#mask-focus-image').complete")
+        seen[view] = _decoded(page, "#mask-focus-image")
+        tolerance = crop_tolerance if view == "crop" else 0
+        np.testing.assert_allclose(seen[view], expected(view), atol=tolerance, rtol=0, err_msg=view)
+    for i, a in enumerate(VIEWS):
+        for b in VIEWS[i + 1 :]:
+            assert seen[a].shape == seen[b].shape, (a, b)
+            assert not np.array_equal(seen[a], seen[b]), f"the {a} and {b} views show the same pixels"
+    page.click("#mask-close")
+
+
+def _enroll(page: Any, pid: int, *, drop: bool = False, captured_at: str | None = None) -> None:
+    paths = [_crop(pid, "00"), _crop(pid, "05")]
+    if drop:  # as a person drags files from a file manager: a drop event carrying them
+        files = [(p.name, base64.b64encode(p.read_bytes()).decode()) for p in paths]
+        transfer = page.evaluate_handle(
+            """(files) => {
+                const transfer = new DataTransfer();
+                for (const [name, data] of files) {
+                    const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+                    transfer.items.add(new File([bytes], name, { type: "image/jpeg" }));
+                }
+                return transfer;
+            }""",
+            files,
+        )
+        page.dispatch_event("#enroll-drop", "drop", {"dataTransfer": transfer})
+    else:
+        page.set_input_files("#enroll-files", [str(p) for p in paths])
+    assert page.locator("#enroll-chosen li").count() == 2
+    page.fill("#enroll-identity", _identity(pid))
+    page.fill("#enroll-camera", "")
+    page.fill("#enroll-captured", captured_at or "")
+    page.click("#enroll-submit")
+    page.wait_for_selector(f"#enroll-status:has-text('Enrolled 2 crops of {_identity(pid)}.')")
+    assert page.locator("#enroll-created li.entry-card").count() == 2
+
+
+def test_enroll_search_masks_and_delete_in_a_browser(browser: Any, server: Server) -> None:
+    # The precondition the search step relies on, by brute force over the same weights: among the enrolled
+    # crops, the query's nearest is one of its own person's (see ui_weights for why).
+    model = load_weights(server.env["REID_WEIGHTS"])
+    transform = build_eval_transform(model.config)
+    enrolled = [(pid, _crop(pid, shot)) for pid in PEOPLE for shot in ("00", "05")]
+    with torch.no_grad():
+        gallery = model.extractor(torch.stack([transform(Image.open(p).convert("RGB")) for _, p in enrolled]))
+        probe = model.extractor(transform(Image.open(_crop(QUERY_PID, "01")).convert("RGB"))[None])
+    gallery, probe = gallery.numpy(), probe.numpy()
+    nearest = enrolled[int(((gallery - probe) ** 2).sum(1).argmin())][0]
+    assert nearest == QUERY_PID, f"these weights rank person {nearest} first: choose another query"
+
+    context, page, watcher = _open(browser, server.url)
+    try:
+        page.wait_for_selector("body[data-ready]")
+        banner = page.inner_text("#health")
+        assert "mobilenet_v2" in banner and "1280-d" in banner and "Mask generator\nyes" in banner
+        assert page.locator("#untrained-warning").count() == 0  # trained weights: no warning
+
+        # Enroll: two crops per person, one person by drag and drop, one with a capture time.
+        page.click("#tab-enroll")
+        for pid in PEOPLE:
+            _enroll(page, pid, drop=pid == PEOPLE[0], captured_at="2026-01-02T03:04:05" if pid == PEOPLE[1] else None)
+        assert "8 entries" in page.inner_text("#health")
+
+        # An API error is shown as its human message, not as JSON.
+        page.set_input_files("#enroll-files", str(_crop(PEOPLE[0], "02")))
+        page.fill("#enroll-identity", "someone")
+        page.fill("#enroll-metadata", "not json")
+        page.click("#enroll-submit")
+        page.wait_for_selector("#error:not([hidden])")
+        message = page.inner_text("#error-text")
+        assert message.startswith("metadata must be a JSON object") and "{" not in message.split(":")[0]
+        assert '"code"' not in message and "detail" not in message
+        page.click("#error-close")
+        page.fill("#enroll-metadata", "")
+
+        # The gallery: four people, two crops each, thumbnails decoded at the crops' own size.
+        page.click("#tab-gallery")
+        cards = page.locator("#identity-list li.identity-card")
+        cards.first.wait_for()
+        assert [c.get_attribute("data-identity") for c in cards.all()] == [_identity(p) for p in PEOPLE]
+        assert all("2 crops" in c.inner_text() for c in cards.all())
+        page.wait_for_function("() => [...document.querySelectorAll('#identity-list img')].every(i => i.naturalWidth)")
+        first = _decoded(page, "#identity-list li:first-child img")
+        width, height = Image.open(_crop(PEOPLE[0], "00")).size
+        assert first.shape == (height, width, 4)
+        np.testing.assert_array_equal(first[..., :3], np.asarray(Image.open(_crop(PEOPLE[0], "00")).convert("RGB")))
+
+        # Search with another shot of one of them: that identity first, a match, its best crop shown.
+        page.click("#tab-search")
+        page.set_input_files("#search-files", str(_crop(QUERY_PID, "01")))
+        page.fill("#search-topk", "5")
+        page.click("#search-submit")
+        page.wait_for_selector("#search-results table.ranking tbody tr")
+        rows = page.locator("#search-results table.ranking tbody tr")
+        assert rows.first.get_attribute("data-identity") == _identity(QUERY_PID)
+        assert "Match" in rows.first.inner_text()
+        assert rows.count() == len(PEOPLE)
+        assert "No threshold in use" in page.inner_text("#search-results .threshold")
+        assert page.locator("#search-results ol.matches li").count() == 5
+        page.wait_for_function("() => [...document.querySelectorAll('#search-results img')].every(i => i.naturalWidth)")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "ui-search.png"), full_page=True)
+
+        # With a threshold under the query's distances, no identity matches, and the page says which threshold.
+        page.fill("#search-threshold", "0.001")
+        page.click("#search-submit")
+        page.wait_for_selector("#search-results .threshold:has-text('0.001')")
+        assert page.locator("#search-results tr.is-match").count() == 0
+        assert page.locator("#search-results .badge.miss").count() == len(PEOPLE)
+
+        # Masks of the query crop (uploaded) and of the first result (enrolled): each view toggled.
+        query_bytes = _crop(QUERY_PID, "01").read_bytes()
+        page.click("#search-results .query-crops button")
+
+        def query_view(view: str) -> np.ndarray:
+            if view == "crop":
+                return _pixels(query_bytes)
+            files = {"file": ("q.jpg", query_bytes, "image/jpeg")}
+            return _pixels(httpx.post(f"{server.url}/mask", params={"view": view}, files=files).content)
+
+        _check_views(page, query_view, crop_tolerance=8)
+        first_match = int(page.get_attribute("#search-results ol.matches li:first-child", "data-entry") or 0)
+        page.click("#search-results ol.matches li:first-child button")
+
+        def entry_view(view: str) -> np.ndarray:
+            path = f"/gallery/{first_match}/image" if view == "crop" else f"/mask/{first_match}?view={view}"
+            return _pixels(httpx.get(server.url + path).content)
+
+        _check_views(page, entry_view)
+
+        # Delete one entry, then a whole identity, each after a confirmation; cancelling deletes nothing.
+        page.click("#tab-gallery")
+        page.click(f"#identity-list li[data-identity='{_identity(PEOPLE[0])}'] button")
+        page.wait_for_selector("#entry-list li.entry-card >> nth=1")
+        page.click("#entry-list li.entry-card:first-child button.danger")
+        page.click("#confirm-ok")
+        page.wait_for_selector(f"#identity-heading:has-text('{_identity(PEOPLE[0])}: 1 crop')")
+        page.click("#identity-delete")
+        page.click("#confirm-cancel")
+        assert page.locator(f"#identity-list li[data-identity='{_identity(PEOPLE[0])}']").count() == 1
+        page.click("#identity-delete")
+        page.click("#confirm-ok")
+        page.wait_for_selector(f"#identity-list li[data-identity='{_identity(PEOPLE[0])}']", state="detached")
+        assert page.locator("#identity-list li.identity-card").count() == len(PEOPLE) - 1
+        assert _identity(PEOPLE[0]) not in [i["identity"] for i in httpx.get(f"{server.url}/identities").json()]
+        assert "6 entries" in page.inner_text("#health")
+
+        # Nothing left the origin; no CSP violation or script error on the way.
+        assert watcher.requests, "no request was recorded"
+        assert all(u.startswith((server.url + "/", "blob:" + server.url + "/")) for u in watcher.urls())
+        assert not watcher.errors, watcher.errors
+        assert watcher.failed == [("POST", f"{server.url}/gallery", 422)]  # the bad metadata, and nothing else
+    finally:
+        context.close()
