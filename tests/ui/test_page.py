@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -275,5 +276,78 @@ def test_enroll_search_masks_and_delete_in_a_browser(browser: Any, server: Serve
         assert all(u.startswith((server.url + "/", "blob:" + server.url + "/")) for u in watcher.urls())
         assert not watcher.errors, watcher.errors
         assert watcher.failed == [("POST", f"{server.url}/gallery", 422)]  # the bad metadata, and nothing else
+    finally:
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory, ui_weights: Path) -> Iterator[Server]:
+    """With REID_API_KEY, and no weights file: the untrained network the page must warn about."""
+    root = tmp_path_factory.mktemp("ui-keyed")
+    running = Server(root / "data", ui_weights, root / "server.log", REID_API_KEY=KEY, REID_BACKBONE="mobilenet_v2")
+    del running.env["REID_WEIGHTS"]
+    running.start()
+    yield running
+    running.stop()
+
+
+def test_page_asks_for_the_key_refuses_a_wrong_one_and_warns_when_untrained(browser: Any, keyed_server: Server) -> None:
+    url = keyed_server.url
+    # The shell and its assets need no key and hold no data; the data stays behind the key.
+    shell = httpx.get(f"{url}/ui")
+    assert shell.status_code == 200
+    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", shell.text), "an inline script in the shell"
+    for path in ("/ui", "/ui/static/app.js", "/ui/static/api.js", "/ui/static/style.css"):
+        response = httpx.get(url + path)
+        assert response.status_code == 200, path
+        policy = response.headers["content-security-policy"]
+        assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy, path
+        assert "unsafe-inline" not in policy and "unsafe-eval" not in policy, path
+        assert response.headers["x-content-type-options"] == "nosniff", path
+    assert httpx.get(f"{url}/identities").status_code == 401
+    assert httpx.get(f"{url}/gallery/1/image").status_code == 401
+
+    context, page, watcher = _open(browser, url)
+    try:
+        page.wait_for_selector("#key-dialog[open]")
+        page.wait_for_selector("#untrained-warning")
+        assert "Untrained weights" in page.inner_text("#health")
+        assert "meaningless" in page.inner_text("#untrained-warning")
+
+        page.fill("#key-input", "not-the-key")
+        page.click("#key-submit")
+        page.wait_for_selector("#key-message:has-text('The service refused this key.')")
+        assert page.is_visible("#key-dialog")
+        assert page.evaluate("() => sessionStorage.getItem('reid-api-key')") is None
+
+        page.fill("#key-input", KEY)
+        page.click("#key-submit")
+        page.wait_for_selector("#key-dialog", state="hidden")
+        page.wait_for_selector("#gallery-empty:not([hidden])")
+        assert page.evaluate("() => sessionStorage.getItem('reid-api-key')") == KEY
+        # A reload keeps the key for the tab: no second prompt.
+        page.reload()
+        page.wait_for_selector("body[data-ready]")
+        page.wait_for_selector("#gallery-empty:not([hidden])")
+        assert not page.is_visible("#key-dialog")
+
+        # The key travels as a header, never in a URL; nothing leaves the origin.
+        sent = [r for r in watcher.requests if r.headers.get("x-api-key") == KEY]
+        assert any(r.url.startswith(f"{url}/identities") for r in sent)
+        assert all(KEY not in u for u in watcher.urls())
+        assert all(u.startswith((url + "/", "blob:" + url + "/")) for u in watcher.urls())
+
+        # The policy is enforced, not only sent: a script added inline does not run, and the browser says why.
+        ran = page.evaluate(
+            """() => {
+                const script = document.createElement("script");
+                script.textContent = "window.inlineRan = true";
+                document.head.append(script);
+                return window.inlineRan === true;
+            }"""
+        )
+        assert ran is False
+        page.wait_for_function("() => true")
+        assert any("Content Security Policy" in e for e in watcher.errors), watcher.errors
     finally:
         context.close()
