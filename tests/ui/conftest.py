@@ -54,8 +54,7 @@ def browser() -> Iterator[Any]:
         launched.close()
 
 
-@pytest.fixture(scope="session")
-def ui_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_ui_weights(path: Path, pretrained: Path) -> Path:
     """ImageNet MobileNetV2 features with an identity head, and a small U-Net mask generator.
 
     Why these rank real crops: the template is exactly the trunk's pooled ImageNet features (the 1x1 head is
@@ -63,7 +62,6 @@ def ui_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     are). Such features find another shot of the same person from the same camera, a near-duplicate, nearest
     among a few people; the tests check that with a brute force before they rely on it. The U-Net is seeded,
     not trained: its masks vary over the crop, which is what the page must show faithfully."""
-    pretrained = require_shared(MOBILENET_WEIGHTS)
     torch.manual_seed(0)
     extractor = build_extractor(UI_CONFIG, pretrained)
     with torch.no_grad():
@@ -71,6 +69,11 @@ def ui_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
         conv.weight.copy_(torch.eye(UI_CONFIG.feat_dim)[:, :, None, None])
         conv.bias.zero_()
     mask = build_mask_generator(UI_CONFIG)
-    path = tmp_path_factory.mktemp("ui-weights") / "ui.safetensors"
     provenance = {"note": "test weights: ImageNet MobileNetV2 features, identity head, seeded U-Net"}
     return save_weights(path, extractor.eval(), mask.eval(), provenance)
+
+
+@pytest.fixture(scope="session")
+def ui_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pretrained = require_shared(MOBILENET_WEIGHTS)
+    return build_ui_weights(tmp_path_factory.mktemp("ui-weights") / "ui.safetensors", pretrained)

@@ -180,6 +180,12 @@ def test_enroll_search_masks_and_delete_in_a_browser(browser: Any, server: Serve
         banner = page.inner_text("#health")
         assert "mobilenet_v2" in banner and "1280-d" in banner and "Mask generator\nyes" in banner
         assert page.locator("#untrained-warning").count() == 0  # trained weights: no warning
+        unlabelled = page.evaluate(
+            """() => [...document.querySelectorAll("input, select, textarea, button")]
+                .filter((c) => !(c.labels && c.labels.length) && !c.getAttribute("aria-label") && !c.textContent.trim())
+                .map((c) => c.id || c.outerHTML)"""
+        )
+        assert unlabelled == [], f"controls without a label: {unlabelled}"
 
         # Enroll: two crops per person, one person by drag and drop, one with a capture time.
         page.click("#tab-enroll")
