@@ -134,7 +134,7 @@ def _check_views(page: Any, expected: Any, crop_tolerance: int = 0) -> None:
     page.click("#mask-close")
 
 
-def _enroll(page: Any, pid: int, *, drop: bool = False, captured_at: str | None = None) -> None:
+def _enroll(page: Any, pid: int, *, drop: bool = False, captured_at: str = "", metadata: str = "") -> None:
     paths = [_crop(pid, "00"), _crop(pid, "05")]
     if drop:  # as a person drags files from a file manager: a drop event carrying them
         files = [(p.name, base64.b64encode(p.read_bytes()).decode()) for p in paths]
@@ -155,7 +155,8 @@ def _enroll(page: Any, pid: int, *, drop: bool = False, captured_at: str | None 
     assert page.locator("#enroll-chosen li").count() == 2
     page.fill("#enroll-identity", _identity(pid))
     page.fill("#enroll-camera", "")
-    page.fill("#enroll-captured", captured_at or "")
+    page.fill("#enroll-captured", captured_at)
+    page.fill("#enroll-metadata", metadata)
     page.click("#enroll-submit")
     page.wait_for_selector(f"#enroll-status:has-text('Enrolled 2 crops of {_identity(pid)}.')")
     assert page.locator("#enroll-created li.entry-card").count() == 2
@@ -190,7 +191,13 @@ def test_enroll_search_masks_and_delete_in_a_browser(browser: Any, server: Serve
         # Enroll: two crops per person, one person by drag and drop, one with a capture time.
         page.click("#tab-enroll")
         for pid in PEOPLE:
-            _enroll(page, pid, drop=pid == PEOPLE[0], captured_at="2026-01-02T03:04:05" if pid == PEOPLE[1] else None)
+            _enroll(
+                page,
+                pid,
+                drop=pid == PEOPLE[0],
+                captured_at="2026-01-02T03:04:05" if pid == PEOPLE[1] else "",
+                metadata='{"site": "north gate"}' if pid == PEOPLE[0] else "",
+            )
         assert "8 entries" in page.inner_text("#health")
 
         # An API error is shown as its human message, not as JSON.
@@ -264,6 +271,8 @@ def test_enroll_search_masks_and_delete_in_a_browser(browser: Any, server: Serve
         page.click("#tab-gallery")
         page.click(f"#identity-list li[data-identity='{_identity(PEOPLE[0])}'] button")
         page.wait_for_selector("#entry-list li.entry-card >> nth=1")
+        facts = page.inner_text("#entry-list li.entry-card:first-child dl")
+        assert "site\nnorth gate" in facts and "Size\n" in facts and "[object" not in facts
         page.click("#entry-list li.entry-card:first-child button.danger")
         page.click("#confirm-ok")
         page.wait_for_selector(f"#identity-heading:has-text('{_identity(PEOPLE[0])}: 1 crop')")
