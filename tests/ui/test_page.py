@@ -246,6 +246,15 @@ def test_enroll_search_masks_and_delete_in_a_browser(browser: Any, server: Serve
         page.wait_for_selector("#search-results .threshold:has-text('0.001')")
         assert page.locator("#search-results tr.is-match").count() == 0
         assert page.locator("#search-results .badge.miss").count() == len(PEOPLE)
+        # A camera filter that keeps only a camera nobody was enrolled with: nothing left to rank.
+        page.fill("#search-cameras", "c9")
+        page.select_option("#search-camera-mode", "false")
+        page.click("#search-submit")
+        page.wait_for_selector("#search-results:has-text('No entries match the filters.')")
+        page.fill("#search-cameras", "")
+        page.fill("#search-threshold", "")
+        page.click("#search-submit")
+        page.wait_for_selector("#search-results table.ranking tbody tr")
 
         # Masks of the query crop (uploaded) and of the first result (enrolled): each view toggled.
         query_bytes = _crop(QUERY_PID, "01").read_bytes()

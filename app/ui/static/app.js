@@ -548,8 +548,11 @@ $("#search-form").addEventListener("submit", async (event) => {
   if (threshold) form.append("threshold", threshold);
   const cameras = $("#search-cameras").value.split(",").map((camera) => camera.trim()).filter(Boolean);
   if (cameras.length) {
-    for (const camera of cameras) form.append("camera", camera);
-    form.append("exclude_camera", $("#search-camera-mode").value);
+    // `camera` + `exclude_camera` take one camera; services that rank tracks also take the lists.
+    const exclude = $("#search-camera-mode").value === "true";
+    form.append("camera", cameras[0]);
+    form.append("exclude_camera", String(exclude));
+    for (const camera of cameras) form.append(exclude ? "exclude_cameras" : "cameras", camera);
   }
   for (const name of ["after", "before"]) {
     const value = localInputToISO($(`#search-${name}`).value);
