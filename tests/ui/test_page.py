@@ -114,7 +114,7 @@ def _pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGBA"), dtype=np.int32)
 
 
-def _check_views(page: Any, expected: Any, crop_tolerance: int = 0) -> None:
+def _check_views(page: Any, expected: Any, crop_tolerance: int = 0, close_with_escape: bool = False) -> None:
     """Toggle each view of the open mask dialog: the decoded picture changes, and is the API's own PNG
     (``expected(view)``: its pixels). A JPEG query crop is shown as the file itself: decoders may differ by a
     rounding step there."""
@@ -131,7 +131,11 @@ def _check_views(page: Any, expected: Any, crop_tolerance: int = 0) -> None:
         for b in VIEWS[i + 1 :]:
             assert seen[a].shape == seen[b].shape, (a, b)
             assert not np.array_equal(seen[a], seen[b]), f"the {a} and {b} views show the same pixels"
-    page.click("#mask-close")
+    if close_with_escape:  # a modal <dialog> closes from the keyboard
+        page.keyboard.press("Escape")
+    else:
+        page.click("#mask-close")
+    page.wait_for_selector("#mask-dialog", state="hidden")
 
 
 def _enroll(page: Any, pid: int, *, drop: bool = False, captured_at: str = "", metadata: str = "") -> None:
@@ -274,10 +278,12 @@ def test_enroll_search_masks_and_delete_in_a_browser(browser: Any, server: Serve
             path = f"/gallery/{first_match}/image" if view == "crop" else f"/mask/{first_match}?view={view}"
             return _pixels(httpx.get(server.url + path).content)
 
-        _check_views(page, entry_view)
+        _check_views(page, entry_view, close_with_escape=True)
 
         # Delete one entry, then a whole identity, each after a confirmation; cancelling deletes nothing.
-        page.click("#tab-gallery")
+        page.focus("#tab-gallery")
+        page.keyboard.press("Enter")  # the views switch from the keyboard too
+        assert page.is_visible("#view-gallery") and not page.is_visible("#view-search")
         page.click(f"#identity-list li[data-identity='{_identity(PEOPLE[0])}'] button")
         page.wait_for_selector("#entry-list li.entry-card >> nth=1")
         facts = page.inner_text("#entry-list li.entry-card:first-child dl")

@@ -466,7 +466,7 @@ function queryCrops(files) {
   );
 }
 
-function resultSection(result, files, index) {
+function resultSection(result, files, index, filtered) {
   const title = files.length > 1 ? `Track of ${files.length} crops` : `Query ${result.filename || files[0].name}`;
   const bestEntry = new Map();
   for (const match of result.matches) if (!bestEntry.has(match.identity)) bestEntry.set(match.identity, match);
@@ -506,7 +506,7 @@ function resultSection(result, files, index) {
           ),
           h("tbody", {}, identityRows),
         )
-      : h("p", { class: "muted" }, "No entries match the filters."),
+      : h("p", { class: "muted" }, filtered ? "No entries match the filters." : "The gallery has no entries yet."),
     result.matches.length ? h("h4", {}, "Entries, nearest first") : null,
     h(
       "ol",
@@ -558,6 +558,7 @@ $("#search-form").addEventListener("submit", async (event) => {
     const value = localInputToISO($(`#search-${name}`).value);
     if (value) form.append(name, value);
   }
+  const filtered = form.has("camera") || form.has("after") || form.has("before");
   const track = files.length > 1 && $("#search-track").checked;
   if (track) form.append("track", "mean");
   const status = $("#search-status");
@@ -571,7 +572,7 @@ $("#search-form").addEventListener("submit", async (event) => {
     const perFile = answer.results.length === files.length;
     for (const url of queryURLs.splice(0)) URL.revokeObjectURL(url);
     results.replaceChildren(
-      ...answer.results.map((result, index) => resultSection(result, perFile ? [files[index]] : files, index)),
+      ...answer.results.map((result, index) => resultSection(result, perFile ? [files[index]] : files, index, filtered)),
     );
     status.textContent = "";
   } catch (error) {
