@@ -226,7 +226,10 @@ TOTAL_COUNT_HEADER = {
 
 
 def identity_page(gallery: Gallery, offset: int, limit: int | None) -> tuple[int, list[IdentityOut]]:
-    """(number of identities, the page of them by name, each with its first entry as thumbnail)."""
+    """(number of identities, the page of them by name, each with its first entry as thumbnail).
+
+    Built on today's Gallery methods: one indexed query per identity on the page. A gallery that returns each
+    identity's smallest id in its GROUP BY would make it one query."""
     rows = gallery.identities()
     page = rows[offset:] if limit is None else rows[offset : offset + limit]
     out = []

@@ -185,6 +185,8 @@ def test_enroll_search_masks_and_delete_in_a_browser(browser: Any, server: Serve
         banner = page.inner_text("#health")
         assert "mobilenet_v2" in banner and "1280-d" in banner and "Mask generator\nyes" in banner
         assert page.locator("#untrained-warning").count() == 0  # trained weights: no warning
+        page.click("#health summary")
+        assert "note: test weights" in page.inner_text("#health .provenance")
         unlabelled = page.evaluate(
             """() => [...document.querySelectorAll("input, select, textarea, button")]
                 .filter((c) => !(c.labels && c.labels.length) && !c.getAttribute("aria-label") && !c.textContent.trim())

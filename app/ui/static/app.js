@@ -85,10 +85,18 @@ $("#key-button").addEventListener("click", () => askForKey(""));
 // -- health -----------------------------------------------------------------------------------------
 
 function provenanceItems(provenance) {
-  return Object.entries(provenance || {})
+  const items = Object.entries(provenance || {})
     .filter(([, value]) => value === null || typeof value !== "object")
-    .slice(0, 8)
+    .slice(0, 12)
     .map(([name, value]) => h("li", {}, h("span", { class: "muted" }, `${name}: `), String(value)));
+  // Calibrated thresholds, as training's recipe writes them: [{fmr, distance, tmr}, ...].
+  const thresholds = Array.isArray(provenance?.thresholds) ? provenance.thresholds : [];
+  for (const t of thresholds) {
+    if (typeof t?.fmr !== "number" || typeof t?.distance !== "number") continue;
+    const tmr = typeof t.tmr === "number" ? `, TMR ${t.tmr.toFixed(3)}` : "";
+    items.push(h("li", {}, h("span", { class: "muted" }, `threshold at FMR ${t.fmr}: `), `${formatDistance(t.distance)}${tmr}`));
+  }
+  return items;
 }
 
 async function loadHealth() {
