@@ -363,6 +363,19 @@ def test_page_asks_for_the_key_refuses_a_wrong_one_and_warns_when_untrained(brow
         page.wait_for_selector("#gallery-empty:not([hidden])")
         assert not page.is_visible("#key-dialog")
 
+        # 18 crops go up in two requests (16 a request), and all of them are enrolled.
+        page.click("#tab-enroll")
+        crops = [_crop(20, f"{shot:02d}") for shot in range(10)] + [_crop(21, f"{shot:02d}") for shot in range(8)]
+        page.set_input_files("#enroll-files", [str(p) for p in crops])
+        page.fill("#enroll-identity", "many")
+        page.click("#enroll-submit")
+        page.wait_for_selector("#enroll-status:has-text('Enrolled 18 crops of many.')")
+        assert page.locator("#enroll-created li.entry-card").count() == 18
+        posts = [r for r in watcher.requests if r.method == "POST" and r.url == f"{url}/gallery"]
+        assert len(posts) == 2 and all(r.headers.get("x-api-key") == KEY for r in posts)
+        page.click("#tab-gallery")
+        page.wait_for_selector("#identity-list li[data-identity='many']:has-text('18 crops')")
+
         # The key travels as a header, never in a URL; nothing leaves the origin.
         sent = [r for r in watcher.requests if r.headers.get("x-api-key") == KEY]
         assert any(r.url.startswith(f"{url}/identities") for r in sent)
