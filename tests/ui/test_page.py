@@ -204,7 +204,7 @@ def test_enroll_search_masks_and_delete_in_a_browser(browser: Any, server: Serve
                 captured_at="2026-01-02T03:04:05" if pid == PEOPLE[1] else "",
                 metadata='{"site": "north gate"}' if pid == PEOPLE[0] else "",
             )
-        assert "8 entries" in page.inner_text("#health")
+        page.wait_for_selector("#health:has-text('8 entries')")  # the banner follows the gallery
 
         # An API error is shown as its human message, not as JSON.
         page.set_input_files("#enroll-files", str(_crop(PEOPLE[0], "02")))
@@ -221,7 +221,7 @@ def test_enroll_search_masks_and_delete_in_a_browser(browser: Any, server: Serve
         # The gallery: four people, two crops each, thumbnails decoded at the crops' own size.
         page.click("#tab-gallery")
         cards = page.locator("#identity-list li.identity-card")
-        cards.first.wait_for()
+        page.wait_for_selector(f"#identity-list li[data-identity='{_identity(PEOPLE[-1])}']")
         assert [c.get_attribute("data-identity") for c in cards.all()] == [_identity(p) for p in PEOPLE]
         assert all("2 crops" in c.inner_text() for c in cards.all())
         page.wait_for_function("() => [...document.querySelectorAll('#identity-list img')].every(i => i.naturalWidth)")
@@ -301,7 +301,7 @@ def test_enroll_search_masks_and_delete_in_a_browser(browser: Any, server: Serve
         page.wait_for_selector(f"#identity-list li[data-identity='{_identity(PEOPLE[0])}']", state="detached")
         assert page.locator("#identity-list li.identity-card").count() == len(PEOPLE) - 1
         assert _identity(PEOPLE[0]) not in [i["identity"] for i in httpx.get(f"{server.url}/identities").json()]
-        assert "6 entries" in page.inner_text("#health")
+        page.wait_for_selector("#health:has-text('6 entries')")  # the banner follows the gallery
 
         # Nothing left the origin; no CSP violation or script error on the way.
         assert watcher.requests, "no request was recorded"
