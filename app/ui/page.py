@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.types import Scope
 
@@ -62,8 +62,13 @@ def install_ui(app: FastAPI) -> None:
     """Serve the page at ``/ui`` and its assets under ``/ui/static/``; neither is in the OpenAPI schema."""
 
     @app.get(PAGE_PATH, include_in_schema=False)
-    @app.get(PAGE_PATH + "/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8", headers=SECURITY_HEADERS)
+
+    # The page names its assets and the API relative to its own URL, so that it also works behind a proxy
+    # that serves the service under a path prefix; "/ui/" would shift them one level down.
+    @app.get(PAGE_PATH + "/", include_in_schema=False)
+    async def page_with_slash() -> RedirectResponse:
+        return RedirectResponse("../ui", status_code=308)
 
     app.mount(ASSETS_PATH, _Assets(directory=STATIC_DIR), name="ui-static")

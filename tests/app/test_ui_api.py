@@ -93,6 +93,8 @@ def test_page_needs_no_key_and_data_routes_do(settings: Settings) -> None:
             assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
             assert response.headers["x-content-type-options"] == "nosniff"
         assert client.get("/ui").headers["content-type"] == "text/html; charset=utf-8"
+        slash = client.get("/ui/", follow_redirects=False)  # the page's relative URLs need no trailing slash
+        assert slash.status_code == 308 and slash.headers["location"] == "../ui"
         assert client.get("/ui/static/app.js").headers["content-type"].startswith("text/javascript")
         assert client.get("/ui/static/nothing.js").status_code == 404
         # The page's own path prefix opens nothing else: these are data routes or none at all.

@@ -312,6 +312,27 @@ def test_enroll_search_masks_and_delete_in_a_browser(browser: Any, server: Serve
         context.close()
 
 
+def test_page_works_under_a_path_prefix(browser: Any, server: Server) -> None:
+    """Behind a proxy that serves the service at /reid/, the page asks for everything under /reid/."""
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+
+    def proxy(route: Any) -> None:  # /reid/<path> is the service's /<path>; the page sees only /reid/
+        route.fulfill(response=route.fetch(url=route.request.url.replace("/reid/", "/", 1)))
+
+    context.route(f"{server.url}/reid/**", proxy)
+    page = context.new_page()
+    watcher = Watcher(page)
+    try:
+        page.goto(f"{server.url}/reid/ui")
+        page.wait_for_selector("body[data-ready]")
+        assert "mobilenet_v2" in page.inner_text("#health")
+        assert watcher.requests and all(u.startswith(f"{server.url}/reid/") for u in watcher.urls()), watcher.urls()
+        assert not watcher.errors and not watcher.failed, (watcher.errors, watcher.failed)
+    finally:
+        context.close()
+
+
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory: pytest.TempPathFactory, ui_weights: Path) -> Iterator[Server]:
     """With REID_API_KEY, and no weights file: the untrained network the page must warn about."""

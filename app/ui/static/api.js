@@ -40,13 +40,15 @@ async function problemOf(response) {
   return new ApiError(response.status, "", `The service answered ${response.status}${reason}.`);
 }
 
+// The API lives where the page does: "/" for "/ui", "/reid/" behind a proxy that serves it at "/reid/ui".
+const BASE = new URL(".", document.baseURI);
+
 function url(path, params) {
-  const query = new URLSearchParams();
+  const target = new URL(path.replace(/^\//, ""), BASE);
   for (const [name, value] of Object.entries(params || {})) {
-    if (value !== undefined && value !== null && value !== "") query.append(name, String(value));
+    if (value !== undefined && value !== null && value !== "") target.searchParams.append(name, String(value));
   }
-  const text = query.toString();
-  return text ? `${path}?${text}` : path;
+  return target.href;
 }
 
 async function send(path, { method = "GET", params, body } = {}) {
@@ -83,7 +85,7 @@ export async function imageURL(path, { method = "GET", params, body } = {}) {
 export function postFormWithProgress(path, form, onProgress) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
-    xhr.open("POST", path);
+    xhr.open("POST", url(path));
     for (const [name, value] of Object.entries(headers())) xhr.setRequestHeader(name, value);
     xhr.responseType = "text";
     xhr.upload.addEventListener("progress", (event) => {
