@@ -388,14 +388,30 @@ def test_page_asks_for_the_key_refuses_a_wrong_one_and_warns_when_untrained(brow
         page.click("#tab-enroll")
         crops = [_crop(20, f"{shot:02d}") for shot in range(10)] + [_crop(21, f"{shot:02d}") for shot in range(8)]
         page.set_input_files("#enroll-files", [str(p) for p in crops])
-        page.fill("#enroll-identity", "many")
+        # A name that is markup stays text: the page builds no HTML from what the service says.
+        name = '<img src=x onerror="window.pwned=1">many'
+        page.fill("#enroll-identity", name)
         page.click("#enroll-submit")
-        page.wait_for_selector("#enroll-status:has-text('Enrolled 18 crops of many.')")
+        page.wait_for_selector("#enroll-status:has-text('Enrolled 18 crops of')")
         assert page.locator("#enroll-created li.entry-card").count() == 18
         posts = [r for r in watcher.requests if r.method == "POST" and r.url == f"{url}/gallery"]
         assert len(posts) == 2 and all(r.headers.get("x-api-key") == KEY for r in posts)
         page.click("#tab-gallery")
-        page.wait_for_selector("#identity-list li[data-identity='many']:has-text('18 crops')")
+        card = page.locator("#identity-list li.identity-card")
+        card.filter(has_text="18 crops").wait_for()
+        assert card.get_attribute("data-identity") == name and name in card.inner_text()
+        assert page.locator("#identity-list img:not(.crop)").count() == 0
+        assert page.evaluate("() => window.pwned") is None
+
+        # Weights without a mask generator: the mask views say so (the API's message) and only the crop shows.
+        card.locator("button").click()
+        page.click("#entry-list li.entry-card:first-child button.secondary")
+        page.wait_for_selector("#mask-dialog[data-loaded]")
+        assert "no mask generator" in page.inner_text("#mask-message")
+        assert page.is_disabled('#mask-views input[value="mask"]')
+        assert page.is_enabled('#mask-views input[value="crop"]')
+        assert page.get_attribute("#mask-focus-image", "data-view") == "crop"
+        page.keyboard.press("Escape")
 
         # The key travels as a header, never in a URL; nothing leaves the origin.
         sent = [r for r in watcher.requests if r.headers.get("x-api-key") == KEY]
