@@ -146,11 +146,15 @@ for (const tab of TABS) $(`#tab-${tab}`).addEventListener("click", () => selectT
 
 // -- crops, fetched with the key --------------------------------------------------------------------
 
-const crops = new Map(); // entry id -> Promise of an object URL
+const crops = new Map(); // entry id -> Promise of an object URL, oldest first
+const CROPS_KEPT = 500; // object URLs kept for reuse; a long session releases the oldest
 
 function cropImage(entryId, alt) {
   const image = h("img", { alt, class: "crop", "data-entry": entryId });
-  if (!crops.has(entryId)) crops.set(entryId, imageURL(`/gallery/${entryId}/image`));
+  if (!crops.has(entryId)) {
+    crops.set(entryId, imageURL(`/gallery/${entryId}/image`));
+    if (crops.size > CROPS_KEPT) forgetCrops([crops.keys().next().value]);
+  }
   crops
     .get(entryId)
     .then((url) => {
