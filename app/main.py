@@ -22,6 +22,7 @@ from app.db import make_engine
 from app.embedder import Embedder
 from app.errors import install_error_handlers
 from app.gallery import Gallery
+from app.ui import install_ui
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router, dependencies=keyed)
     for router in OPEN:
         app.include_router(router)
+    install_ui(app)  # the page at /ui: its shell and assets are served without the key (they hold no data)
     install_middlewares(app, state)
     return app
 

@@ -78,6 +78,8 @@ class EmbedResponse(BaseModel):
 class IdentityOut(BaseModel):
     identity: str = Field(description="identity label", examples=["0001"])
     entries: int = Field(description="number of enrolled crops", examples=[4])
+    # UI branch: the page's thumbnail; fetch it with GET /gallery/{thumbnail}/image.
+    thumbnail: int | None = Field(None, description="entry id of its first enrolled crop", examples=[42])
 
 
 class DeleteResult(BaseModel):

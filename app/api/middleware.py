@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api.deps import API_KEY_HEADER, State, key_matches
 from app.embedder import request_deadline
 from app.errors import problem
+from app.ui import is_public_path
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ def install_middlewares(app: FastAPI, state: State) -> None:
     async def guard(request: Request, call_next: Any) -> Response:
         route = request.url.path
         key = settings.api_key
-        if key is not None and route not in OPEN_PATHS and not key_matches(request.headers.get(API_KEY_HEADER), key):
+        public = route in OPEN_PATHS or is_public_path(route)  # the page's shell and assets hold no data
+        if key is not None and not public and not key_matches(request.headers.get(API_KEY_HEADER), key):
             return problem(401, "unauthorized", "missing or wrong X-API-Key header")  # the docs and the schema too
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > body_limit):

@@ -46,11 +46,13 @@ class Server:
         command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
         with self.log.open("a") as log:
             self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=log)
+        # /ready is behind the API key when one is set.
+        headers = {"X-API-Key": self.env["REID_API_KEY"]} if "REID_API_KEY" in self.env else {}
         for _ in range(1200):  # up to ~2 minutes for torch to import on a busy machine
             if self.process.poll() is not None:
                 pytest.fail(f"the service exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/ready", headers=headers, timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass

@@ -94,8 +94,8 @@ def test_enroll_query_mask_delete_restart(settings: Settings, database_url: str 
         assert client.get("/gallery", params={"identity": "bob"}).json()["total"] == 2
         assert client.get(f"/gallery/{ids[1]}").json()["identity"] == "alice"
         assert client.get("/identities").json() == [
-            {"identity": "alice", "entries": 3},
-            {"identity": "bob", "entries": 2},
+            {"identity": "alice", "entries": 3, "thumbnail": ids[0]},
+            {"identity": "bob", "entries": 2, "thumbnail": ids[3]},
         ]
 
         # Delete then query: gone from both the database and the index.

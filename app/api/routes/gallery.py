@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import (
@@ -118,4 +118,18 @@ async def delete_entry(state: ReadyDep, gallery: GalleryDep, entry_id: EntryId) 
     return DeleteResult(deleted=1)
 
 
-# GET /gallery/{entry_id}/image (the stored crop) is the UI branch's (issue 14): it belongs here.
+@router.get(
+    "/{entry_id}/image",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "the stored crop, PNG"}} | problem_responses(404),
+)
+async def entry_image(gallery: GalleryDep, entry_id: EntryId) -> Response:
+    """The crop as stored at enrollment: a PNG of the decoded upload (RGB, its original size)."""
+    entry = await existing_entry(gallery, entry_id)
+    path = gallery.data_dir / entry.crop_path
+    try:
+        body = await run_in_threadpool(path.read_bytes)
+    except FileNotFoundError:
+        # A database restored without its crops folder (docs/API.md, Backup and restore).
+        raise ApiError(404, "crop_not_found", f"the stored crop of entry {entry_id} is missing") from None
+    return Response(body, media_type="image/png", headers={"X-Content-Type-Options": "nosniff"})

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from pydantic import WithJsonSchema
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import GalleryDep, ReadyDep
 from app.errors import ApiError, problem_responses
+from app.gallery import Gallery
 from app.schemas import DeleteResult, IdentityOut
 
 router = APIRouter(
@@ -16,10 +20,44 @@ router = APIRouter(
 )
 
 
-@router.get("", response_model=list[IdentityOut])
-async def list_identities(gallery: GalleryDep) -> list[IdentityOut]:
-    rows = await run_in_threadpool(gallery.identities)
-    return [IdentityOut(identity=i, entries=n) for i, n in rows]
+# A query parameter has no null: absent means "all of them" (FastAPI would otherwise document `anyOf null`).
+QUERY_LIMIT = WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 1000})
+TOTAL_COUNT_HEADER = {
+    "X-Total-Count": {"description": "number of identities in the gallery", "schema": {"type": "integer"}}
+}
+
+
+def identity_page(gallery: Gallery, offset: int, limit: int | None) -> tuple[int, list[IdentityOut]]:
+    """(number of identities, the page of them by name, each with its first entry as thumbnail).
+
+    One indexed query per identity on the page; a GROUP BY returning each identity's smallest id would make it
+    one query."""
+    rows = gallery.identities()
+    page = rows[offset:] if limit is None else rows[offset : offset + limit]
+    out = []
+    for identity, entries in page:
+        _, first = gallery.list(identity, 0, 1)  # the lowest id: its first enrolled crop
+        out.append(IdentityOut(identity=identity, entries=entries, thumbnail=first[0].id if first else None))
+    return len(rows), out
+
+
+# Paged with `offset` / `limit`; the answer keeps today's list shape, the total goes in X-Total-Count.
+@router.get(
+    "",
+    response_model=list[IdentityOut],
+    responses={200: {"description": "identities by name", "headers": TOTAL_COUNT_HEADER}},
+)
+async def list_identities(
+    gallery: GalleryDep,
+    response: Response,
+    offset: Annotated[int, Query(ge=0, le=2**31, description="first identity, by name")] = 0,
+    limit: Annotated[
+        int | None, Query(ge=1, le=1000, description="page size; absent: all of them"), QUERY_LIMIT
+    ] = None,
+) -> list[IdentityOut]:
+    total, page = await run_in_threadpool(identity_page, gallery, offset, limit)
+    response.headers["X-Total-Count"] = str(total)
+    return page
 
 
 @router.delete("/{identity}", response_model=DeleteResult, responses=problem_responses(404))
