@@ -63,6 +63,23 @@ REBUILD_CHUNK = 20_000
 CROP_GRACE_S = 60.0  # the start-up sweep leaves younger unreferenced crops alone (an upload on its way in)
 
 
+def lock_data_dir(data_dir: Path) -> IO[bytes]:
+    """An exclusive lock on the data folder for as long as the returned file stays open (the process dies: it
+    is released). SQLite is a single-process store, so a second process on the same folder is refused."""
+    path = data_dir / "gallery.lock"
+    handle = path.open("ab")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RuntimeError(
+            f"another process already uses the data folder {data_dir} (it holds {path}). SQLite is a "
+            "single-process store: stop the other process, give this one another REID_DATA_DIR, or run several "
+            "replicas on PostgreSQL (REID_DATABASE_URL)"
+        ) from None
+    return handle
+
+
 class ModelMismatch(ValueError):
     """The gallery's embeddings were made by other weights than the loaded ones."""
 
@@ -285,19 +302,7 @@ class Gallery:
         self.opened = True
 
     def _lock_data_dir(self) -> None:
-        """SQLite is a single-process store: a second process on the same data folder is refused."""
-        path = self.data_dir / "gallery.lock"
-        handle = path.open("ab")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise RuntimeError(
-                f"another process already serves the data folder {self.data_dir} (it holds {path}). SQLite is a "
-                "single-process store: stop the other process, give this one another REID_DATA_DIR, or run several "
-                "replicas on PostgreSQL (REID_DATABASE_URL)"
-            ) from None
-        self._lock_file = handle
+        self._lock_file = lock_data_dir(self.data_dir)
 
     def _bind_model(self) -> None:
         with self.sessions() as session, session.begin():
@@ -680,7 +685,7 @@ class Gallery:
             state = self.state
             allowed = state.columns.allowed(where) if where is not None else None
             distances, ids = state.index.search(queries, k, allowed)
-        if 0 < ids.shape[1] < k:  # fewer entries (or survivors) than k: -1 padded, as FAISS pads
+        if ids.shape[1] < k:  # fewer entries (or survivors) than k: -1 padded, as FAISS pads
             pad = ((0, 0), (0, k - ids.shape[1]))
             ids, distances = np.pad(ids, pad, constant_values=-1), np.pad(distances, pad, constant_values=np.inf)
         return distances, ids
