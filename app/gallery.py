@@ -209,6 +209,7 @@ class Gallery:
         self.write_lock = threading.RLock()  # one writer at a time in this process (database + index)
         self.rebuilt = False  # open() rebuilt the index from the database
         self.replayed = 0  # changes open() replayed on top of the snapshot
+        self.lag = 0  # changes in the log after the watermark, as of the last ready()
         self.opened = False
         self.failure: str | None = None  # why this replica must not serve (the model changed under it)
         self.changes_since_snapshot = 0
@@ -412,8 +413,13 @@ class Gallery:
         return np.array(ids, dtype=np.int64)
 
     def ready(self) -> bool:
-        """O(1): opened, not stopped by a model change, and the index and its columns hold the same entries."""
+        """Opened, not stopped by a model change, the index and its columns agreeing on their entries (counters),
+        and the database answering: the log's last seq, one index lookup (OperationalError when unreachable).
+        Cost O(1) in the gallery's size; ``lag`` is then how many changes this replica has yet to apply."""
         state = self.state
+        with self.sessions() as session:
+            last = session.scalar(select(func.max(Change.seq))) or 0
+        self.lag = max(0, last - state.watermark)
         return self.opened and self.failure is None and len(state.index) == state.columns.live
 
     consistent = ready  # the name /ready calls
