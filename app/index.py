@@ -6,8 +6,11 @@ of index, each doing what it can and saying what it cannot.
 - ``IVF<nlist>[,Flat|,SQ8]`` (``IVF`` alone: nlist sized from the data, 4 sqrt(n)): exact search until there are
   ``IVF_MIN_PER_LIST`` x nlist vectors to train on, then the caller rebuilds it trained (``needs_rebuild``); it
   asks again when the gallery has grown ``IVF_RETRAIN_GROWTH`` times past what it was trained on.
-- ``HNSW<M>[,Flat|,SQ8]``: HNSW cannot remove, so a deletion is a tombstone, excluded at search time by a FAISS
-  ``IDSelector`` and compacted away by a rebuild once ``HNSW_COMPACT_FRACTION`` of the graph is dead.
+- ``HNSW<M>[,Flat|,SQ8]``: graph search on the CPU.
+
+HNSW cannot remove, and a Flat (``IndexIDMap2``) removal compacts the whole array and rebuilds the id map, O(n):
+so in both a deletion is a tombstone, excluded at search time by a FAISS ``IDSelector`` and compacted away by a
+rebuild once ``COMPACT_FRACTION`` of the index is dead. IVF removes in place through its id hashtable.
 
 Search parameters (nprobe, efSearch) and the filters' id selectors go through ``faiss.SearchParameters*`` on
 each call (learned from txtai's FAISS backend: parameters set at search time, an exact fallback for small sets).
@@ -36,7 +39,7 @@ logger = logging.getLogger(__name__)
 IVF_MIN_PER_LIST = 39  # FAISS warns below 39 training points per centroid
 IVF_RETRAIN_GROWTH = 4  # retrain once the gallery is this many times what the lists were trained on
 SQ8_MIN_TRAIN = 1000  # vectors SQ8 learns its per-dimension value ranges from
-HNSW_COMPACT_FRACTION = 0.1  # rebuild an HNSW graph once this share of it is tombstones
+COMPACT_FRACTION = 0.1  # rebuild a Flat or HNSW index once this share of it is tombstones
 GPU_MAX_K = 2048  # FAISS's GPU k-selection limit
 FILE_MAGIC = b"REIDIDX1"
 FACTORY_HELP = "choose Flat, SQ8, IVF<nlist>, IVF<nlist>,SQ8, IVF (nlist from the data), HNSW<M> or HNSW<M>,SQ8"
@@ -144,7 +147,7 @@ class VectorIndex:
         self.nprobe = nprobe
         self.ef_search = ef_search
         self.trained_on = 0  # IVF / SQ8: vectors it was trained on; 0 while searching exactly
-        self.dead: set[int] = set()  # HNSW tombstones: ids in the graph that no longer exist
+        self.dead: set[int] = set()  # tombstones (Flat, HNSW): ids still in FAISS that no longer exist
         self._dead_selector: tuple[Any, ...] | None = None
         # What FAISS holds now: an index that must train starts as an exact Flat one.
         self.mode = "flat" if self.spec.needs_training else self.spec.kind
@@ -210,11 +213,11 @@ class VectorIndex:
         self._gpu = None
 
     def remove(self, ids: np.ndarray) -> int:
-        """Remove ``ids``, which must be live (HNSW: tombstone them); the number removed."""
+        """Remove ``ids``, which must be live (Flat, HNSW: tombstone them); the number removed."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(ids) == 0:
             return 0
-        if self.mode == "hnsw":
+        if self.mode != "ivf":  # Flat and HNSW removal rewrites the whole index: a tombstone instead
             before = len(self.dead)
             self.dead.update(int(i) for i in ids)
             self._dead_selector = None
@@ -231,8 +234,8 @@ class VectorIndex:
             return f"{n} vectors are enough to train {self.spec.trained_factory(n)}"
         if self.mode == "ivf" and n >= IVF_RETRAIN_GROWTH * self.trained_on and self.spec.trainable(n):
             return f"the gallery ({n}) has outgrown IVF lists trained on {self.trained_on} vectors"
-        if self.mode == "hnsw" and len(self.dead) > max(16, HNSW_COMPACT_FRACTION * self.ntotal):
-            return f"{len(self.dead)} of {self.ntotal} HNSW nodes are tombstones"
+        if len(self.dead) > max(16, COMPACT_FRACTION * self.ntotal):
+            return f"{len(self.dead)} of {self.ntotal} vectors are tombstones"
         return None
 
     @classmethod
