@@ -686,6 +686,8 @@ class Gallery:
 
         ``where`` is applied inside FAISS (an id selector over the in-memory columns), so k survivors come back
         whenever k entries pass it."""
+        if self.failure is not None:  # the gallery was re-embedded under other weights: no meaningless matches
+            raise ModelMismatch(self.failure)
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         with self.rw.read():
             state = self.state

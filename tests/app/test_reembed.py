@@ -17,7 +17,7 @@ from app import admin
 from app.config import Settings
 from app.db import META_FINGERPRINT, Entry, GalleryMeta, make_engine
 from app.embedder import Embedder
-from app.gallery import ModelMismatch
+from app.gallery import Gallery, ModelMismatch
 from app.main import create_app
 from app.reembed import reembed
 from models import extractor_fingerprint
@@ -90,3 +90,39 @@ def test_other_weights_are_refused_until_the_gallery_is_reembedded(
     with pytest.raises(ModelMismatch), TestClient(create_app(settings)):
         pass  # and now the old weights are the foreign ones
     assert old_embedder.feat_dim == new_embedder.feat_dim
+
+
+def test_a_running_replica_stops_matching_when_the_gallery_is_reembedded_under_other_weights(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    url = database_url or f"sqlite:///{tmp_path / 'reid.db'}"
+    old, same_as_new = Gallery(make_engine(url), tmp_path / "a", 8, fingerprint="1" * 64), None
+    old.open()
+    try:
+        crops = []
+        for seed in range(3):
+            data = png_bytes(seed)
+            crops.append((*old.store_crop(data, Image.open(io.BytesIO(data)).convert("RGB")), 32, 64))
+        old.add("p", None, {}, crops, np.eye(3, 8, dtype=np.float32))
+        same_as_new = Gallery(make_engine(url), tmp_path / "b", 8, fingerprint=None)
+        same_as_new.open()
+
+        def embed(images: list[Image.Image]) -> np.ndarray:
+            return np.stack([np.asarray(i, np.float32).mean((0, 1)).repeat(3)[:8] for i in images])
+
+        assert reembed(make_engine(url), old.data_dir, embed, "2" * 64) == 3
+        old.catch_up()
+        assert not old.ready()
+        with pytest.raises(ModelMismatch, match="1111111111111111"):
+            old.search(np.zeros((1, 8), np.float32), 1)
+        with pytest.raises(ModelMismatch):
+            old.add("q", None, {}, crops[:1], np.zeros((1, 8), np.float32))
+        same_as_new.catch_up()  # a replica whose weights match rebuilds from the new embeddings
+        same_as_new._rebuilder.join(30)
+        ids = same_as_new.db_ids()
+        vectors = np.stack([same_as_new.index.index.reconstruct(int(i)) for i in ids])
+        np.testing.assert_allclose(vectors, embed([Image.open(old.data_dir / c[1]).convert("RGB") for c in crops]))
+    finally:
+        old.close()
+        if same_as_new is not None:
+            same_as_new.close()
