@@ -262,7 +262,7 @@ class Gallery:
             probe.unlink()
         except OSError as exc:
             raise PermissionError(f"the data folder {self.data_dir} is not writable: {exc}") from exc
-        if not self.postgres:
+        if not self.postgres and self._lock_file is None:  # (open() is retried while the database is down)
             self._lock_data_dir()
         if self.migrate_on_open:
             migrate.upgrade(self.engine)
@@ -280,8 +280,12 @@ class Gallery:
             self.state = state
             before = state.watermark
             self.replayed = self.catch_up()
-            with self.sessions() as session:
-                count = session.scalar(select(func.count(Entry.id))) or 0
+            for _ in range(3):  # other replicas may commit between the replay and the count: catch up, recount
+                with self.sessions() as session:
+                    count = session.scalar(select(func.count(Entry.id))) or 0
+                if count == len(state.index):
+                    break
+                self.replayed += self.catch_up()
             if count == len(state.index):
                 logger.info(
                     "index snapshot %s loaded (watermark %d) and %d changes replayed: %d entries, %s",

@@ -135,6 +135,19 @@ def id_selector(ids: np.ndarray) -> tuple[faiss.IDSelector, Any]:
     return faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64)), None
 
 
+def drop_ids(distances: np.ndarray, ids: np.ndarray, dead: set[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of a search result without ``dead`` ids, nearest first, cut or -1 padded to ``k``."""
+    if not dead:
+        return distances[:, :k], ids[:, :k]
+    keep = ~np.isin(ids, np.fromiter(dead, np.int64, len(dead))) & (ids >= 0)
+    out_d = np.full((len(ids), k), np.inf, np.float32)
+    out_i = np.full((len(ids), k), -1, np.int64)
+    for row in range(len(ids)):
+        found = np.flatnonzero(keep[row])[:k]
+        out_d[row, : len(found)], out_i[row, : len(found)] = distances[row, found], ids[row, found]
+    return out_d, out_i
+
+
 class VectorIndex:
     """add / remove / search by int64 id; distances are FAISS's squared L2."""
 
@@ -210,7 +223,12 @@ class VectorIndex:
         if len(ids) == 0:
             return
         self.index.add_with_ids(vectors, ids)
-        self._gpu = None
+        with self._gpu_lock:
+            if self._gpu is not None:
+                try:  # the GPU copy grows with the master instead of being copied whole again
+                    self._gpu.add_with_ids(vectors, ids)
+                except RuntimeError:
+                    self._gpu = None
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove ``ids``, which must be live (Flat, HNSW: tombstone them); the number removed."""
@@ -224,7 +242,8 @@ class VectorIndex:
             return len(self.dead) - before
         # IVF's id hashtable removes only through an IDSelectorArray.
         removed = int(self.index.remove_ids(faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))))
-        self._gpu = None
+        with self._gpu_lock:
+            self._gpu = None  # IVF on a GPU: copied again at the next search
         return removed
 
     def needs_rebuild(self) -> str | None:
@@ -257,10 +276,13 @@ class VectorIndex:
 
         ``allowed``: only these ids may be returned (a filter); tombstones are never returned."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        on_gpu = self.use_gpu and allowed is None and not self.dead
+        # The GPU copy takes no selector: it serves unfiltered searches while the tombstones fit in its k.
+        on_gpu = self.use_gpu and allowed is None and int(k) + len(self.dead) <= GPU_MAX_K
         k = min(capped_k(int(k), on_gpu), len(self) if allowed is None else min(len(self), len(allowed)))
         if k <= 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        if on_gpu:
+            return self._search_gpu(queries, k)
         keep: list[Any] = []  # selectors and buffers FAISS reads during the call
         selector = None
         if allowed is not None:
@@ -274,12 +296,17 @@ class VectorIndex:
             keep.append(cached)
             selector = cached[0] if selector is None else faiss.IDSelectorAnd(selector, cached[0])
             keep.append(selector)
-        if on_gpu:
-            with self._gpu_lock:
-                if self._gpu is None:
-                    self._gpu = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)
-                return self._gpu.search(queries, k)
         return self.index.search(queries, k, params=self._parameters(selector, k))
+
+    def _search_gpu(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """k + tombstones nearest on the GPU copy, tombstones dropped, the first k kept (-1 padded)."""
+        with self._gpu_lock:
+            if self._gpu is None:
+                self._gpu = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)
+            if self.mode == "ivf":
+                faiss.GpuParameterSpace().set_index_parameter(self._gpu, "nprobe", self.nprobe)
+            distances, ids = self._gpu.search(queries, min(k + len(self.dead), self.ntotal))
+        return drop_ids(distances, ids, self.dead, k)
 
     def _parameters(self, selector: faiss.IDSelector | None, k: int) -> faiss.SearchParameters:
         if self.mode == "hnsw":

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 from PIL import Image
@@ -277,3 +278,21 @@ def test_sq8_indexes_train_once_they_have_enough_vectors(factory: str) -> None:
     found = big.search(vectors[:20], 10)[1]
     recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)])
     assert recall >= 0.8  # 8-bit codes: near, not exact
+
+
+def test_the_gpu_copy_drops_tombstones_and_grows_with_the_master() -> None:
+    """The GPU search path without a GPU: a CPU clone stands in for the copy index_cpu_to_gpu would make."""
+    rng = np.random.default_rng(6)
+    vectors = rng.normal(size=(60, DIM)).astype(np.float32)
+    ids = np.arange(1, 61, dtype=np.int64)
+    index = VectorIndex.build(DIM, "Flat", ids[:50], vectors[:50])
+    index.use_gpu, index._gpu = True, faiss.clone_index(index.index)
+    index.remove(ids[:5])
+    index.add(ids[50:], vectors[50:])  # reaches the copy too
+    live = np.arange(5, 60)
+    distances, found = index.search(vectors[:4], 10)
+    brute = ((vectors[:4, None] - vectors[live][None]) ** 2).sum(-1)
+    order = np.argsort(brute, 1)[:, :10]
+    np.testing.assert_array_equal(found, ids[live][order])
+    np.testing.assert_allclose(distances, np.take_along_axis(brute, order, 1), rtol=1e-4)
+    assert index._gpu.ntotal == 60  # searched on the copy, which keeps the tombstones
