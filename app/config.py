@@ -30,7 +30,18 @@ class Settings(BaseSettings):
         "1,2,4,8,16,32", description="CUDA graph batch-size buckets of the torch backend; empty = none"
     )
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite under data_dir")
-    index_factory: str = Field("Flat", description="FAISS index_factory string, e.g. Flat, IVF1024,Flat, HNSW32")
+    index_factory: str = Field(
+        "Flat",
+        description="gallery index: Flat (exact), SQ8, IVF<nlist>[,SQ8], IVF (nlist from the data), HNSW<M>[,SQ8]",
+    )
+    index_nprobe: int = Field(16, ge=1, description="IVF lists searched per query (recall against speed)")
+    index_ef_search: int = Field(64, ge=1, description="HNSW candidate list per query (recall against speed)")
+    snapshot_every: int = Field(10_000, ge=1, description="write an index snapshot after this many changes")
+    snapshot_interval_s: float = Field(300.0, gt=0, description="and at least this often (s) while there are changes")
+    replica_poll_s: float = Field(
+        1.0, gt=0, description="catch up with other replicas' changes at least this often (s); NOTIFY wakes sooner"
+    )
+    migrate_on_start: bool = Field(True, description="apply database migrations at start-up (else: reid-admin migrate)")
     api_key: str | None = Field(None, description="when set, every route but /health needs X-API-Key", repr=False)
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(4096 * 4096, ge=1)

@@ -1,13 +1,35 @@
-"""The database, the gallery's truth: one table of entries, each with its embedding and stored crop."""
+"""The database, the gallery's truth: the entries (each with its embedding and stored crop), the change log that
+numbers every add and delete, and the gallery's metadata (the fingerprint of the weights that made the
+embeddings). The schema is created and upgraded by Alembic (app/migrations, ``app.migrate``)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Integer, LargeBinary, MetaData, String, TypeDecorator, create_engine
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    TypeDecorator,
+    create_engine,
+)
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+# Change-log operations: an entry added or deleted, and every embedding replaced at once (a re-embed).
+OP_ADD = "add"
+OP_DELETE = "delete"
+OP_REEMBED = "reembed"
+# PostgreSQL NOTIFY channel on which writers announce a change (delivered when their transaction commits).
+NOTIFY_CHANNEL = "reid_changes"
+# Keys of reid_meta.
+META_FINGERPRINT = "fingerprint"
+META_REEMBED_TARGET = "reembed_target"
 
 
 class UTCDateTime(TypeDecorator):
@@ -24,6 +46,10 @@ class UTCDateTime(TypeDecorator):
         return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData()
 
@@ -38,14 +64,40 @@ class Entry(Base):
     identity: Mapped[str] = mapped_column(String(200), index=True)
     camera: Mapped[str | None] = mapped_column(String(100), nullable=True, index=True)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=lambda: datetime.now(UTC))
-    content_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=_now)
+    # When the camera took the crop (search filters on it); the upload time unless the client says otherwise.
+    # Nullable in the schema only because galleries older than this column were backfilled in place.
+    captured_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=True, default=_now)
+    content_sha256: Mapped[str] = mapped_column(String(64), index=True)
     crop_path: Mapped[str] = mapped_column(String(300))  # relative to data_dir, content-addressed
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     embedding: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian, feat_dim values
-    # STAND-IN: replaced by the gallery branch. When the crop was taken (default: its upload time).
-    captured_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=lambda: datetime.now(UTC), index=True)
+    # A re-embed's new template, staged until every entry has one (then swapped in one transaction).
+    embedding_next: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
+
+
+class Change(Base):
+    """The gallery's log: one row per add or delete, written in the change's own transaction. ``seq`` orders
+    them (writers serialise on a lock, so seq order is commit order); an index snapshot records the last seq it
+    holds (its watermark) and replays the rows after it."""
+
+    __tablename__ = "reid_changes"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    op: Mapped[str] = mapped_column(String(16))
+    entry_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=_now)
+
+
+class GalleryMeta(Base):
+    """Key-value facts about the gallery as a whole, e.g. ``fingerprint``: the weights its embeddings belong to."""
+
+    __tablename__ = "reid_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200))
 
 
 def make_engine(url: str, connect_timeout_s: int = 5) -> Engine:
@@ -53,18 +105,22 @@ def make_engine(url: str, connect_timeout_s: int = 5) -> Engine:
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": connect_timeout_s}
     elif url.startswith("postgresql"):
-        # A server that vanishes without closing the connection (a network partition) would leave a query
-        # waiting for ever: keepalives find an idle dead peer, tcp_user_timeout one that stopped acknowledging.
-        kwargs["connect_args"] = {
-            "connect_timeout": connect_timeout_s,
-            "keepalives": 1,
-            "keepalives_idle": 30,
-            "keepalives_interval": 5,
-            "keepalives_count": 3,
-            "tcp_user_timeout": connect_timeout_s * 1000,  # ms
-        }
+        kwargs["connect_args"] = postgres_connect_args(connect_timeout_s)
         kwargs["pool_timeout"] = connect_timeout_s
     return create_engine(url, **kwargs)
+
+
+def postgres_connect_args(connect_timeout_s: int) -> dict[str, Any]:
+    # A server that vanishes without closing the connection (a network partition) would leave a query
+    # waiting for ever: keepalives find an idle dead peer, tcp_user_timeout one that stopped acknowledging.
+    return {
+        "connect_timeout": connect_timeout_s,
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        "tcp_user_timeout": connect_timeout_s * 1000,  # ms
+    }
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:

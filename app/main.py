@@ -21,7 +21,7 @@ from app.config import Settings
 from app.db import make_engine
 from app.embedder import Embedder
 from app.errors import install_error_handlers
-from app.gallery import Gallery
+from app.gallery import Gallery, exit_on_failure
 from app.ui import install_ui
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.embedder = embedder
         engine = make_engine(settings.sqlalchemy_url, settings.db_connect_timeout_s)
         use_gpu = embedder.device.type == "cuda"
-        gallery = Gallery(engine, settings.data_dir, embedder.feat_dim, settings.index_factory, use_gpu)
+        gallery = Gallery.from_settings(settings, engine, embedder.feat_dim, embedder.fingerprint, use_gpu)
         embedder.start()
 
         async def open_gallery() -> None:
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 except (OperationalError, DBAPIError) as exc:
                     logger.error("database unreachable at start-up (%s); retrying in 2 s", type(exc).__name__)
                     await asyncio.sleep(2.0)
+            gallery.start_background()
             state.gallery = gallery
             state.metrics.size.set(len(gallery))
             state.ready = True
@@ -59,11 +60,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         opener = asyncio.ensure_future(open_gallery())
         await asyncio.wait([opener], timeout=settings.db_connect_timeout_s * 2)  # usually done at once
+        # Any other start-up failure stops the process with the reason logged (non-zero exit).
+        try:
+            opener.result() if opener.done() else opener.add_done_callback(exit_on_failure)
+        except BaseException:
+            await gallery.stop()
+            await embedder.stop()
+            engine.dispose()
+            raise
         try:
             yield
         finally:
             state.ready = False
             opener.cancel()
+            await gallery.stop()
             await embedder.stop()
             engine.dispose()
 

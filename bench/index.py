@@ -1,10 +1,12 @@
 """Gallery search at scale, through the app's own ``VectorIndex`` and ``Gallery``: FAISS flat L2 against IVF and
 HNSW on synthetic 512-d templates: build time, memory, queries/s (a batch at once, and one at a time as the
-service searches), recall@10 against flat; and the start-up time of ``Gallery.open()`` with the entries in the
-database: rebuilding the index from it (no index file) and loading a matching index file.
+service searches) and recall@10 against flat for each nprobe / efSearch asked for; and the start-up time of
+``Gallery.open()`` with the entries in the database: rebuilding the index from it (no snapshot) and loading the
+snapshot written at shutdown.
 
     python -m bench.index                                   # 10k and 100k vectors, a few minutes
     python -m bench.index --sizes 10000,100000,1000000      # adds 1M: ~12 GB at peak, 24 min on one core
+    python -m bench.index --sizes 1000000 --nprobe 16,64 --ef-search 64,256 --start-up-factories 'Flat;IVF1000,Flat'
 
 The templates are clustered like a re-ID gallery's (``--per-identity`` images around each identity's centre,
 non-negative like the extractor's ReLU output); uniform random vectors would be the worst case for IVF and HNSW.
@@ -19,13 +21,15 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import faiss
 import numpy as np
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 
-from app.db import Base, Entry, make_engine
+from app import migrate
+from app.db import OP_ADD, Base, Change, Entry, make_engine
 from app.gallery import Gallery
 from app.index import VectorIndex
 from bench.common import (
@@ -65,20 +69,18 @@ def queries(centres: np.ndarray, count: int, seed: int, noise: float = 0.5) -> n
     return np.maximum(picked + noise * rng.standard_normal(picked.shape, dtype=np.float32), 0)
 
 
-def factories(n: int, args: argparse.Namespace) -> list[tuple[str, str, dict[str, int]]]:
-    """(label, index_factory string, search parameters) for a gallery of ``n``."""
+def factories(n: int, args: argparse.Namespace) -> list[tuple[str, str, list[tuple[str, dict[str, int]]]]]:
+    """(label, REID_INDEX_FACTORY, [(row label, VectorIndex search settings)]) for a gallery of ``n``."""
     nlist = args.nlist or max(1, round(math.sqrt(n)))  # ~sqrt(n) lists: FAISS's rule of thumb
     return [
-        ("flat", "Flat", {}),
-        (f"IVF{nlist} nprobe {args.nprobe}", f"IVF{nlist},Flat", {"nprobe": args.nprobe}),
-        (f"HNSW{args.hnsw_m} efSearch {args.ef_search}", f"HNSW{args.hnsw_m}", {"efSearch": args.ef_search}),
+        ("flat", "Flat", [("flat", {})]),
+        (f"IVF{nlist}", f"IVF{nlist},Flat", [(f"IVF{nlist} nprobe {p}", {"nprobe": p}) for p in args.nprobe]),
+        (
+            f"HNSW{args.hnsw_m}",
+            f"HNSW{args.hnsw_m}",
+            [(f"HNSW{args.hnsw_m} efSearch {e}", {"ef_search": e}) for e in args.ef_search],
+        ),
     ]
-
-
-def set_search_parameters(index: VectorIndex, parameters: dict[str, int]) -> None:
-    space = faiss.ParameterSpace()
-    for name, value in parameters.items():
-        space.set_index_parameter(index.index, name, value)
 
 
 @dataclass
@@ -89,24 +91,34 @@ class Built:
     size_bytes: int
 
 
-def build(factory: str, params: dict[str, int], ids: np.ndarray, data: np.ndarray) -> Built:
-    index = VectorIndex(data.shape[1], factory)
+def build(factory: str, ids: np.ndarray, data: np.ndarray) -> Built:
     with PeakMemory() as peak:
         start = time.perf_counter()
-        index.add(ids, data)  # trains first where the factory needs it (IVF)
+        # What the service builds: IVF trained when there are 39 vectors a list, else searched exactly.
+        index = VectorIndex.build(data.shape[1], factory, ids, data)
         seconds = time.perf_counter() - start
-    set_search_parameters(index, params)
     return Built(index, seconds, peak.bytes, int(faiss.serialize_index(index.index).nbytes))
 
 
-def search_rounds(built: dict[str, Built], q: np.ndarray, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Seconds per round of each index for the batch ("<label>") and one query at a time ("<label> single"),
-    the indexes taking turns within each round."""
+def searcher(index: VectorIndex, settings: dict[str, int]):
+    """search(queries, k) with ``settings`` (nprobe / ef_search, read at search time) applied first."""
+
+    def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        for name, value in settings.items():
+            setattr(index, name, value)
+        return index.search(queries, k)
+
+    return search
+
+
+def search_rounds(rows: dict[str, object], q: np.ndarray, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Seconds per round of each row (an index at its settings) for the batch ("<label>") and one query at a time
+    ("<label> single"), the rows taking turns within each round."""
     calls = {}
     singles = q[: args.single_queries]
-    for label, b in built.items():
-        calls[label] = lambda index=b.index: index.search(q, args.k)
-        calls[f"{label} single"] = lambda index=b.index: [index.search(v[None], args.k) for v in singles]
+    for label, search in rows.items():
+        calls[label] = lambda search=search: search(q, args.k)
+        calls[f"{label} single"] = lambda search=search: [search(v[None], args.k) for v in singles]
     return interleaved_rounds(calls, args.repeats)
 
 
@@ -117,44 +129,57 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def fill_database(url: str, data: np.ndarray, per_identity: int) -> None:
-    """The gallery's table holding ``data`` as entries 1..n (what enrolment would have written)."""
+    """The gallery's tables holding ``data`` as entries 1..n and their n "add" changes (what enrolment writes)."""
     engine = make_engine(url)
-    Base.metadata.create_all(engine)
+    migrate.upgrade(engine)
+    now = datetime.now(UTC)
     with engine.begin() as conn:
         for start in range(0, len(data), 20_000):
+            stop = min(len(data), start + 20_000)
+            conn.execute(insert(Change), [{"op": OP_ADD, "entry_id": i + 1, "at": now} for i in range(start, stop)])
             rows = [
                 {
                     "id": i + 1,
                     "identity": f"{i // per_identity:07d}",
                     "camera": f"c{i % 6 + 1}",
                     "meta": {},
+                    "created_at": now,
+                    "captured_at": now,
                     "content_sha256": f"{i:064x}",
                     "crop_path": f"crops/{i:064x}.png",
                     "width": 64,
                     "height": 128,
                     "embedding": data[i].astype("<f4").tobytes(),
                 }
-                for i in range(start, min(len(data), start + 20_000))
+                for i in range(start, stop)
             ]
             conn.execute(insert(Entry), rows)
+        if engine.dialect.name == "postgresql":  # explicit ids do not advance the id sequence
+            conn.execute(text("SELECT setval(pg_get_serial_sequence('reid_entries', 'id'), :n)"), {"n": len(data)})
     engine.dispose()
 
 
-def start_up_seconds(url: str, data_dir: Path, dim: int, factory: str) -> tuple[float, float]:
-    """(Gallery.open() with no index file: a rebuild, Gallery.open() again: the matching file is loaded)."""
+def start_up_seconds(url: str, data_dir: Path, dim: int, factory: str) -> tuple[float, float, int, float]:
+    """(Gallery.open() with no snapshot: a rebuild, writing the snapshot at shutdown, the snapshot's bytes,
+    Gallery.open() again: the snapshot loaded)."""
     index_file = data_dir / "gallery.faiss"
     index_file.unlink(missing_ok=True)
-    times = []
+    times, size = [], 0
     for expect_rebuild in (True, False):
         engine = make_engine(url)
         gallery = Gallery(engine, data_dir, dim, factory)
         times.append(time_call(gallery.open))
         assert gallery.rebuilt == expect_rebuild, f"expected rebuilt={expect_rebuild} for {factory}"
+        if expect_rebuild:
+            times.append(time_call(gallery.close))  # the shutdown snapshot
+            size = index_file.stat().st_size
+        else:
+            gallery.close()
         engine.dispose()
         del gallery
         gc.collect()
     index_file.unlink(missing_ok=True)
-    return times[0], times[1]
+    return times[0], times[1], size, times[2]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,12 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, default=10, help="neighbours per query (recall@k)")
     parser.add_argument("--per-identity", type=int, default=10, help="synthetic images per identity")
     parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default: about sqrt of the size)")
-    parser.add_argument("--nprobe", type=int, default=16, help="IVF lists searched per query")
+    parser.add_argument(
+        "--nprobe", type=int_list, default=[16], help="IVF lists searched per query; a list gives a row each"
+    )
     parser.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours per node")
-    parser.add_argument("--ef-search", type=int, default=64, help="HNSW efSearch")
+    parser.add_argument("--ef-search", type=int_list, default=[64], help="HNSW efSearch; a list gives a row each")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each search (median)")
     parser.add_argument(
         "--no-start-up", action="store_true", help="skip the start-up (database rebuild and load) measurement"
+    )
+    parser.add_argument(
+        "--start-up-factories",
+        default=None,
+        help="REID_INDEX_FACTORY values whose start-up is measured, separated by ';' (default: the searched ones; "
+        "an HNSW rebuild at 1M takes ~9 min on one core)",
     )
     parser.add_argument(
         "--database-url", default=None, help="SQLAlchemy URL of an empty database (default: SQLite in a temp dir)"
@@ -210,7 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     start_up = Table(
         "Start-up: Gallery.open() with the entries in the database",
-        ["size", "REID_INDEX_FACTORY", "rebuild from the database s", "load the index file s"],
+        [
+            "size",
+            "REID_INDEX_FACTORY",
+            "rebuild from the database s",
+            "write the snapshot s",
+            "snapshot MiB",
+            "load the snapshot s",
+        ],
     )
     for n in args.sizes:
         logger.info("%d templates of %d dimensions", n, args.dim)
@@ -218,15 +258,20 @@ def main(argv: list[str] | None = None) -> int:
         q = queries(centres, args.queries, args.seed)
         ids = np.arange(1, n + 1, dtype=np.int64)
         built: dict[str, Built] = {}
-        for label, factory, params in factories(n, args):
+        rows: dict[str, tuple[Built, object]] = {}
+        for label, factory, settings in factories(n, args):
             logger.info("%d: building %s", n, label)
-            built[label] = build(factory, params, ids, data)
+            built[label] = build(factory, ids, data)
+            if built[label].index.spec.needs_training and not built[label].index.trained_on:
+                logger.warning("%d: %s is too small to train: searched exactly, as the service does", n, label)
+            for row, setting in settings:
+                rows[row] = (built[label], searcher(built[label].index, setting))
         logger.info("%d: searching", n)
-        times = search_rounds(built, q, args)
-        flat = next(iter(built))
-        truth = built[flat].index.search(q, args.k)[1]
+        times = search_rounds({label: s for label, (_, s) in rows.items()}, q, args)
+        flat = next(iter(rows))
+        truth = built["flat"].index.search(q, args.k)[1]
         singles = min(args.single_queries, len(q))
-        for label, b in built.items():
+        for label, (b, searcher_) in rows.items():
             search.add(
                 n,
                 label,
@@ -237,10 +282,12 @@ def main(argv: list[str] | None = None) -> int:
                 paired_ratio(times[flat], times[label]),
                 singles / median(times[f"{label} single"]),
                 paired_ratio(times[f"{flat} single"], times[f"{label} single"]),
-                recall_at_k(b.index.search(q, args.k)[1], truth),
+                recall_at_k(searcher_(q, args.k)[1], truth),
             )
         factory_strings = [b.index.factory for b in built.values()]
-        del built, times
+        if args.start_up_factories:
+            factory_strings = [f.strip() for f in args.start_up_factories.split(";") if f.strip()]
+        del built, rows, times
         gc.collect()
         if not args.no_start_up:
             with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
@@ -249,11 +296,13 @@ def main(argv: list[str] | None = None) -> int:
                 fill_database(url, data, args.per_identity)
                 for factory in factory_strings:
                     logger.info("%d: start-up with REID_INDEX_FACTORY=%s", n, factory)
-                    rebuild, load = start_up_seconds(url, Path(tmp), args.dim, factory)
-                    start_up.add(n, factory, rebuild, load)
+                    rebuild, write, size, load = start_up_seconds(url, Path(tmp), args.dim, factory)
+                    start_up.add(n, factory, rebuild, write, size / 2**20, load)
                 if args.database_url:
                     engine = make_engine(url)
                     Base.metadata.drop_all(engine)
+                    with engine.begin() as connection:
+                        connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
                     engine.dispose()
         del data
         gc.collect()
@@ -269,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     start_up.notes.append(
         "The app's start-up path: Gallery.open() over "
         + ("the given database" if args.database_url else "SQLite")
-        + " holding the entries; with no index file it reads every embedding and builds the index (then saves it); "
-        "with a matching file it compares ids and reads the file."
+        + " holding the entries; with no snapshot it reads every embedding and builds the index (IVF trained), "
+        "the shutdown writes a snapshot (index, columns, watermark; fsync), the next open() reads it and replays "
+        "the changes after its watermark (none here)."
     )
     tables = [search] + ([] if args.no_start_up else [start_up])
     report("Gallery search", "bench.index", tables, started, results, argv)

@@ -1,5 +1,5 @@
-"""The FAISS index against a NumPy brute force, and the index rebuilt from the database when its file is
-missing, corrupt or stale (the crash between the database commit and the index write)."""
+"""The FAISS index against a NumPy brute force, and the index rebuilt from the database when its snapshot is
+missing or corrupt, or brought up to date from the change log when it is stale."""
 
 from __future__ import annotations
 
@@ -65,12 +65,15 @@ def _answers(client: TestClient) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("damage", ["removed", "corrupt", "stale", "missing_entry"])
-def test_index_rebuilt_from_database(settings: Settings, damage: str) -> None:
+def test_index_rebuilt_or_replayed_from_database(settings: Settings, damage: str) -> None:
+    """A missing, corrupt or foreign snapshot is rebuilt from the database; a stale one (the crash between a
+    commit and the next snapshot) is brought up to date by replaying the change log after its watermark."""
     with TestClient(create_app(settings)) as client:
         ids = _enroll(client, 4)
         expected = _answers(client)
         index_path = client.app.state.reid.gallery.index_path
-        stale = index_path.read_bytes()
+    stale = index_path.read_bytes()  # the snapshot written at shutdown
+    with TestClient(create_app(settings)) as client:
         more = _enroll(client, 2)
         expected_after = _answers(client)
     if damage == "removed":
@@ -78,7 +81,7 @@ def test_index_rebuilt_from_database(settings: Settings, damage: str) -> None:
     elif damage == "corrupt":
         index_path.write_bytes(b"not a faiss index" * 10)
     elif damage == "stale":
-        index_path.write_bytes(stale)  # a crash after the DB commit and before the index write
+        index_path.write_bytes(stale)
     else:
         # An id in the index that the database lacks (a ghost) must not survive a restart either.
         index = VectorIndex.load(index_path, 64)
@@ -86,13 +89,15 @@ def test_index_rebuilt_from_database(settings: Settings, damage: str) -> None:
         index.save(index_path)
     with TestClient(create_app(settings)) as client:
         gallery = client.app.state.reid.gallery
-        assert gallery.rebuilt
+        assert gallery.rebuilt == (damage != "stale")
+        assert gallery.replayed == (2 if damage == "stale" else 0)
         assert sorted(gallery.index.ids().tolist()) == sorted(ids + more)
         assert client.get("/ready").status_code == 200
         assert _answers(client) == expected_after
     assert expected  # the answers before the last enrolment were real rankings
     with TestClient(create_app(settings)) as client:
-        assert not client.app.state.reid.gallery.rebuilt  # the rebuilt file is reused as is
+        assert not client.app.state.reid.gallery.rebuilt  # the snapshot written at shutdown is used as is
+        assert client.app.state.reid.gallery.replayed == 0
 
 
 def test_micro_batching_gives_the_same_vectors(small_weights, tmp_path) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from app.db import make_engine
 from app.gallery import EntryFilter, Gallery
-from app.index import GPU_MAX_K, VectorIndex, bounded_k
+from app.index import GPU_MAX_K, VectorIndex
 from app.search import search, weights_threshold
 
 DIM = 8
@@ -40,10 +40,19 @@ def filled(
     engine.dispose()
 
 
+def _accepts(where: EntryFilter, camera: str | None, at: datetime) -> bool:
+    """The filter's meaning, written out for the brute force (an entry with no camera fails a `cameras` list)."""
+    if where.cameras is not None and camera not in where.cameras:
+        return False
+    if camera is not None and camera in where.exclude_cameras:
+        return False
+    return (where.after is None or at >= where.after) and (where.before is None or at < where.before)
+
+
 def _brute(
     truth: dict, queries: np.ndarray, where: EntryFilter | None, track: str, k: int
 ) -> list[list[tuple[int, float]]]:
-    kept = [i for i, (_, camera, at) in truth.items() if where is None or where.accepts(camera, at)]
+    kept = [i for i, (_, camera, at) in truth.items() if where is None or _accepts(where, camera, at)]
     vectors = np.stack([truth[i][0] for i in kept]) if kept else np.zeros((0, DIM), np.float32)
     if track == "mean":
         queries = queries.mean(0, keepdims=True)
@@ -89,7 +98,7 @@ def test_search_matches_brute_force_with_every_filter(filled, track: str) -> Non
                 for m in matches:
                     _, camera, at = truth[m.id]
                     assert m.camera == camera and m.captured_at == at
-                    assert where is None or where.accepts(m.camera, m.captured_at)
+                    assert where is None or _accepts(where, m.camera, m.captured_at)
 
 
 def test_filter_keeping_nothing_answers_nothing(filled) -> None:
@@ -108,22 +117,17 @@ def test_deleted_entries_leave_the_filters(filled) -> None:
     assert [m.id for m in matches] == [c1[-1]]
 
 
-def test_gpu_k_bound() -> None:
-    assert GPU_MAX_K == 2048
-    assert bounded_k(5000, 10_000, gpu=True) == 2048
-    assert bounded_k(5000, 10_000, gpu=False) == 5000
-    assert bounded_k(5000, 100, gpu=True) == 100
-    assert bounded_k(10, 100, gpu=True) == 10
-
-
 def test_gpu_index_is_never_asked_for_more_than_its_k_limit() -> None:
-    """A GPU copy that refuses k over GPU_MAX_K, as GPU FAISS does: a large top_k is bounded, not a 500."""
+    """A GPU copy that refuses k over GPU_MAX_K, as GPU FAISS does: a large top_k goes to the CPU master copy
+    instead of a 500, and a small one is served by the copy."""
     index = VectorIndex(4)
     rng = np.random.default_rng(0)
     index.add(np.arange(3000), rng.normal(size=(3000, 4)).astype(np.float32))
     asked: list[int] = []
 
     class GpuLike:
+        ntotal = 3000
+
         def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
             asked.append(k)
             if k > GPU_MAX_K:
@@ -132,8 +136,11 @@ def test_gpu_index_is_never_asked_for_more_than_its_k_limit() -> None:
 
     index.use_gpu = True
     index._gpu = GpuLike()
-    _, ids = index.search(rng.normal(size=(2, 4)).astype(np.float32), 2500)
-    assert asked == [GPU_MAX_K] and ids.shape == (2, GPU_MAX_K) and (ids >= 0).all()
+    queries = rng.normal(size=(2, 4)).astype(np.float32)
+    _, ids = index.search(queries, 2500)
+    assert asked == [] and ids.shape == (2, 2500) and (ids >= 0).all()
+    _, ids = index.search(queries, 100)
+    assert asked == [100] and ids.shape == (2, 100) and (ids >= 0).all()
 
 
 def test_default_threshold_from_the_weights_provenance() -> None:

@@ -1,0 +1,125 @@
+"""Re-embedding: every entry's template recomputed from its stored crop under new weights, then the gallery's
+fingerprint switched in one transaction (``reid-admin reembed``).
+
+The new templates are staged in ``reid_entries.embedding_next`` batch by batch, each batch committed, so a run
+that stops resumes where it was (a run for other weights starts over). Entries enrolled meanwhile are picked up
+before the switch, which happens under the writers' lock once every entry has a staged template: the old
+embeddings are replaced, the fingerprint set and a ``reembed`` change logged, which makes running replicas
+rebuild (same weights) or stop serving (other weights)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import func, select, text, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+from tqdm import tqdm
+
+from app import migrate
+from app.db import (
+    META_FINGERPRINT,
+    META_REEMBED_TARGET,
+    NOTIFY_CHANNEL,
+    OP_REEMBED,
+    Change,
+    Entry,
+    GalleryMeta,
+    make_sessionmaker,
+)
+from app.gallery import WRITE_LOCK
+
+logger = logging.getLogger(__name__)
+
+Embed = Callable[[list[Image.Image]], np.ndarray]
+
+
+def _set_meta(session: Session, key: str, value: str | None) -> None:
+    row = session.get(GalleryMeta, key)
+    if value is None:
+        if row is not None:
+            session.delete(row)
+    elif row is None:
+        session.add(GalleryMeta(key=key, value=value))
+    else:
+        row.value = value
+
+
+def reembed(
+    engine: Engine, data_dir: Path, embed: Embed, fingerprint: str, batch_size: int = 64, progress: bool = False
+) -> int:
+    """Re-embed the gallery for the weights with ``fingerprint``; the entries embedded by this run."""
+    migrate.upgrade(engine)
+    sessions = make_sessionmaker(engine)
+    with sessions() as session, session.begin():
+        stored = session.scalar(select(GalleryMeta.value).where(GalleryMeta.key == META_FINGERPRINT))
+        if stored == fingerprint:
+            logger.info("the gallery's embeddings already belong to weights %s: nothing to do", fingerprint)
+            _set_meta(session, META_REEMBED_TARGET, None)
+            return 0
+        target = session.scalar(select(GalleryMeta.value).where(GalleryMeta.key == META_REEMBED_TARGET))
+        if target != fingerprint:
+            if target is not None:
+                logger.info("a re-embed for other weights (%s) was under way: starting over", target)
+            session.execute(update(Entry).values(embedding_next=None))
+            _set_meta(session, META_REEMBED_TARGET, fingerprint)
+    done = 0
+    while True:
+        with sessions() as session:
+            remaining = session.scalar(select(func.count(Entry.id)).where(Entry.embedding_next.is_(None))) or 0
+        if remaining:
+            done += _embed_missing(sessions, data_dir, embed, batch_size, remaining, progress)
+        with sessions() as session, session.begin():
+            if engine.dialect.name == "postgresql":
+                session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITE_LOCK})
+            if session.scalar(select(func.count(Entry.id)).where(Entry.embedding_next.is_(None))):
+                continue  # enrolled meanwhile: embed those too, then try again
+            session.execute(update(Entry).values(embedding=Entry.embedding_next, embedding_next=None))
+            _set_meta(session, META_FINGERPRINT, fingerprint)
+            _set_meta(session, META_REEMBED_TARGET, None)
+            session.add(Change(op=OP_REEMBED, entry_id=None))
+            if engine.dialect.name == "postgresql":
+                session.execute(text("SELECT pg_notify(:channel, '1')"), {"channel": NOTIFY_CHANNEL})
+        logger.info("re-embedded %d entries; the gallery now belongs to weights %s", done, fingerprint)
+        return done
+
+
+def _embed_missing(
+    sessions: sessionmaker, data_dir: Path, embed: Embed, batch_size: int, total: int, progress: bool
+) -> int:
+    done, last = 0, 0
+    with tqdm(total=total, desc="re-embedding", unit="crop", disable=not progress) as bar:
+        while True:
+            with sessions() as session:
+                rows = session.execute(
+                    select(Entry.id, Entry.crop_path)
+                    .where(Entry.embedding_next.is_(None), Entry.id > last)
+                    .order_by(Entry.id)
+                    .limit(batch_size)
+                ).all()
+            if not rows:
+                return done
+            images = []
+            for row in rows:
+                path = data_dir / row.crop_path
+                try:
+                    with Image.open(path) as image:
+                        images.append(image.convert("RGB"))
+                except FileNotFoundError:
+                    raise FileNotFoundError(
+                        f"entry {row.id}'s stored crop {path} is missing, so it cannot be re-embedded; delete the "
+                        f"entry (DELETE /gallery/{row.id}) and run reembed again (it resumes)"
+                    ) from None
+            vectors = np.asarray(embed(images), dtype="<f4")
+            with sessions() as session, session.begin():
+                session.execute(
+                    update(Entry),
+                    [{"id": r.id, "embedding_next": v.tobytes()} for r, v in zip(rows, vectors, strict=True)],
+                )
+            done += len(rows)
+            last = rows[-1].id
+            bar.update(len(rows))
