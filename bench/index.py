@@ -72,15 +72,18 @@ def queries(centres: np.ndarray, count: int, seed: int, noise: float = 0.5) -> n
 def factories(n: int, args: argparse.Namespace) -> list[tuple[str, str, list[tuple[str, dict[str, int]]]]]:
     """(label, REID_INDEX_FACTORY, [(row label, VectorIndex search settings)]) for a gallery of ``n``."""
     nlist = args.nlist or max(1, round(math.sqrt(n)))  # ~sqrt(n) lists: FAISS's rule of thumb
-    return [
-        ("flat", "Flat", [("flat", {})]),
-        (f"IVF{nlist}", f"IVF{nlist},Flat", [(f"IVF{nlist} nprobe {p}", {"nprobe": p}) for p in args.nprobe]),
-        (
+    ivf = f"IVF{nlist}" + ("" if args.ivf_codes == "Flat" else f",{args.ivf_codes}")
+    every = {
+        "flat": ("flat", "Flat", [("flat", {})]),
+        "ivf": (ivf, f"IVF{nlist},{args.ivf_codes}", [(f"{ivf} nprobe {p}", {"nprobe": p}) for p in args.nprobe]),
+        "hnsw": (
             f"HNSW{args.hnsw_m}",
             f"HNSW{args.hnsw_m}",
             [(f"HNSW{args.hnsw_m} efSearch {e}", {"ef_search": e}) for e in args.ef_search],
         ),
-    ]
+    }
+    # flat first, always: it is the exact answer that recall is measured against.
+    return [every["flat"], *(every[name] for name in args.indexes if name != "flat")]
 
 
 @dataclass
@@ -200,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--nprobe", type=int_list, default=[16], help="IVF lists searched per query; a list gives a row each"
     )
+    parser.add_argument(
+        "--indexes",
+        type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
+        default=["flat", "ivf", "hnsw"],
+        help="index types to build, comma-separated among flat, ivf, hnsw (flat is always built: recall's truth)",
+    )
+    parser.add_argument("--ivf-codes", default="Flat", choices=["Flat", "SQ8"], help="IVF list encoding")
     parser.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours per node")
     parser.add_argument("--ef-search", type=int_list, default=[64], help="HNSW efSearch; a list gives a row each")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each search (median)")
@@ -221,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.indexes) - {"flat", "ivf", "hnsw"})
+    if unknown:
+        parser.error(f"unknown index types {unknown}; choose among flat, ivf, hnsw")
     results = setup(args)
     if args.threads is not None:
         faiss.omp_set_num_threads(args.threads)

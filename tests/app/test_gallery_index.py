@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +20,7 @@ from sqlalchemy import select
 from app.db import Entry, make_engine
 from app.gallery import EntryFilter, Gallery
 from app.index import GPU_MAX_K, VectorIndex, capped_k, id_selector, validate
-from tests.app.conftest import png_bytes
+from tests.app.conftest import _postgres_schema_url, png_bytes
 
 DIM = 16
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -307,3 +308,37 @@ def test_id_selector_keeps_exactly_its_ids() -> None:
             i for i in (10_000_000, 10_000_001) if selector.is_member(i)
         ]
         assert members == ids.tolist()
+
+
+def test_ivf_asks_to_retrain_once_the_gallery_outgrows_its_lists() -> None:
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(800, DIM)).astype(np.float32)
+    ids = np.arange(1, 801, dtype=np.int64)
+    index = VectorIndex.build(DIM, "IVF4,Flat", ids[:200], vectors[:200])
+    assert index.mode == "ivf" and index.trained_on == 200 and index.needs_rebuild() is None
+    index.add(ids[200:], vectors[200:])
+    assert "outgrown" in index.needs_rebuild()
+    auto = VectorIndex.build(DIM, "IVF", ids, vectors)  # lists from the data: 4 sqrt(800) = 113 want 4407
+    assert auto.mode == "flat" and auto.needs_rebuild() is None
+
+
+@pytest.mark.postgres
+def test_a_replica_without_notifications_catches_up_by_polling(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    for url in _postgres_schema_url():
+        writer = make_gallery(tmp_path / "a", url, "HNSW16")
+        reader = make_gallery(tmp_path / "b", url, "HNSW16", listen=False, poll_interval_s=0.05)
+        reader.start_background()
+        try:
+            enroll(writer, rng, 20, 0)
+            writer.delete(writer.db_ids()[:4].tolist())
+            for _ in range(200):
+                if reader.state.watermark == writer.state.watermark:
+                    break
+                threading.Event().wait(0.05)
+            check_against_brute_force(reader, rng, EntryFilter(cameras=("c1", "c2")))
+        finally:
+            reader.close()
+            writer.close()
+            reader.engine.dispose()
+            writer.engine.dispose()
