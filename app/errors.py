@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.gallery import ModelMismatch
 from app.schemas import Problem
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ _DESCRIPTIONS = {
     413: "a file, an image, the number of files or the request body over its limit",
     415: "not an image of an allowed format",
     422: "invalid parameters or form fields",
-    503: "the service is starting or overloaded (with Retry-After), or the database is unreachable",
+    503: "the service is starting or overloaded (with Retry-After), the database is unreachable, or the gallery "
+    "was re-embedded under other weights",
     504: "the request took longer than REID_REQUEST_TIMEOUT_S",
 }
 
@@ -101,6 +103,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _database(request: Request, exc: Exception) -> JSONResponse:
         logger.error("database error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
         return problem(503, "database_unavailable", "the database is unreachable or failed; retry later")
+
+    @app.exception_handler(ModelMismatch)
+    async def _model_mismatch(request: Request, exc: ModelMismatch) -> JSONResponse:
+        # Another replica re-embedded the gallery under other weights: this one's templates no longer compare.
+        return problem(503, "model_mismatch", str(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

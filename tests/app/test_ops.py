@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from app.config import Settings
+from app.gallery import mismatch_message
 from app.main import create_app
 from tests.app.conftest import png_bytes
 
@@ -57,3 +58,15 @@ def test_request_pixel_limit(settings: Settings) -> None:
         assert response.status_code == 413 and response.json()["code"] == "request_too_many_pixels"
         assert "2.png" in response.json()["detail"]
         assert client.post("/embed", files=files[:2]).status_code == 200
+
+
+def test_a_gallery_reembedded_under_other_weights_answers_503_with_the_way_out(settings: Settings) -> None:
+    """A replica still running the old weights after another re-embedded the gallery: no 500, no matches."""
+    with TestClient(create_app(settings)) as client:
+        client.post("/gallery", files={"files": ("a.png", png_bytes(1), "image/png")}, data={"identity": "a"})
+        gallery = client.app.state.reid.gallery
+        gallery.failure = mismatch_message("a" * 64, "b" * 64)
+        answer = client.post("/query", files={"file": ("q.png", png_bytes(2), "image/png")})
+        assert answer.status_code == 503
+        assert answer.json()["code"] == "model_mismatch" and "reembed" in answer.json()["detail"]
+        assert client.get("/ready").status_code == 503
