@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _measure(servers: list[Server], images: list[bytes], bare: Bare, args: argparse.Namespace) -> None:
-    for server in servers:  # warm-up: first requests pay for lazy imports and the first index file
+    for server in servers:  # warm-up: first requests pay for lazy imports
         asyncio.run(_load(server.url, images, 2, 4))
     for files in args.gallery_batches:
         logger.info("POST /gallery with %d files", files)
@@ -435,8 +435,9 @@ def _tables(servers: list[Server], bare: Bare, args: argparse.Namespace, weights
             )
     gallery.notes.append(
         "Each request embeds its files in one forward pass (on either server: REID_BATCH_MAX_SIZE bounds the "
-        "batching across requests, not within one), stores the crops as PNG, commits to SQLite and saves "
-        "the index file (fsync); bare: the backend's call alone at that batch, just before each request; overhead: "
+        "batching across requests, not within one), stores the crops as PNG, commits the entries and their "
+        "change-log rows to SQLite and adds them to the index (snapshots are written in the background); "
+        "bare: the backend's call alone at that batch, just before each request; overhead: "
         "the median of request time / bare time."
     )
     return [query, gallery]
