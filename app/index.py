@@ -296,6 +296,12 @@ class VectorIndex:
             keep.append(cached)
             selector = cached[0] if selector is None else faiss.IDSelectorAnd(selector, cached[0])
             keep.append(selector)
+        if self.mode == "ivf":
+            # FAISS splits an IVF search over its queries: a lone query (the service's usual request) would run
+            # on one core. Fewer queries than threads: split each query's lists instead. Only speed depends on
+            # it, so concurrent searches setting it differently cannot change an answer.
+            few = len(queries) < faiss.omp_get_max_threads()
+            faiss.extract_index_ivf(self.index).parallel_mode = 1 if few else 0
         return self.index.search(queries, k, params=self._parameters(selector, k))
 
     def _search_gpu(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -342,3 +342,17 @@ def test_a_replica_without_notifications_catches_up_by_polling(tmp_path: Path) -
             writer.close()
             reader.engine.dispose()
             writer.engine.dispose()
+
+
+def test_an_ivf_query_alone_or_in_a_batch_gets_the_same_answer() -> None:
+    """A lone query is split over the lists it probes (both cores), a batch over its queries: the same result."""
+    rng = np.random.default_rng(9)
+    vectors = rng.normal(size=(400, DIM)).astype(np.float32)
+    index = VectorIndex.build(DIM, "IVF4,Flat", np.arange(1, 401, dtype=np.int64), vectors, nprobe=2)
+    assert index.mode == "ivf"
+    queries = rng.normal(size=(6, DIM)).astype(np.float32)
+    batch_d, batch_ids = index.search(queries, 5)
+    for row, query in enumerate(queries):
+        alone_d, alone_ids = index.search(query[None], 5)
+        np.testing.assert_array_equal(alone_ids[0], batch_ids[row])
+        np.testing.assert_allclose(alone_d[0], batch_d[row], rtol=1e-5)
