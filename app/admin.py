@@ -43,13 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         from app.embedder import Embedder
         from app.gallery import lock_data_dir
         from app.reembed import reembed
-        from models import extractor_fingerprint
 
         lock = None if engine.dialect.name == "postgresql" else lock_data_dir(settings.data_dir)
         try:
             embedder = Embedder.from_settings(settings)
-            fingerprint = extractor_fingerprint(embedder.config, embedder.extractor.state_dict())
-            reembed(engine, settings.data_dir, embedder.embed_sync, fingerprint, args.batch_size, progress=True)
+            reembed(
+                engine, settings.data_dir, embedder.embed_sync, embedder.fingerprint, args.batch_size, progress=True
+            )
         finally:
             if lock is not None:
                 lock.close()

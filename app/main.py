@@ -61,13 +61,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         opener = asyncio.ensure_future(open_gallery())
         await asyncio.wait([opener], timeout=settings.db_connect_timeout_s * 2)  # usually done at once
         # Any other start-up failure stops the process with the reason logged (non-zero exit).
-        try:
-            opener.result() if opener.done() else opener.add_done_callback(exit_on_failure)
-        except BaseException:
+        if not opener.done():
+            opener.add_done_callback(exit_on_failure)
+        elif opener.exception() is not None:
             await gallery.stop()
             await embedder.stop()
             engine.dispose()
-            raise
+            raise opener.exception()
         try:
             yield
         finally:
