@@ -25,11 +25,12 @@ weights of the best strong-recipe run are exported with their thresholds, loaded
         --pretrained ../shared/weights/mobilenet_v2_imagenet_features.safetensors
 
 writes ``docs/RESULTS.md`` (``--results``), and in ``--out`` the runs, the exported weights and ``figure1.png``.
-Run one torch process at a time on a 2-core machine: two at once run ten times slower. The defaults (128x64,
-E1+E2+E3 = 5+1+2) are an estimate, not yet timed as a whole table: from about 32 s per stage-1 epoch at 96x48
-alone on the 2-core machine, scaled by the pixels, they should keep each run under 10 minutes and the table
-under 100; time one seed first (``--seeds 0``). ``--served-features RUN`` only compares the four served
-templates of a BNNeck run (before / after the BNNeck, raw / L2-normalised).
+Run one torch process at a time on a 2-core machine: two at once run ten times slower. The defaults (160x80, the
+first 7 trunk blocks frozen, epochs of 27 batches, E1+E2+E3 = 22+1+1) were chosen from timed probes
+(docs/TRAINING.md, "Choosing the CPU budget"): a stage-1 step takes about 0.74 s there, a stage-2 step 2.0 s and a
+stage-3 step 2.6 s, so the masks row (the dearest) trains for about 9.5 minutes, the strong row 7.6 and the whole
+table of 3 seeds about 70. ``--served-features RUN`` only compares the four served templates of a BNNeck run
+(before / after the BNNeck, raw / L2-normalised).
 """
 
 from __future__ import annotations
@@ -370,8 +371,15 @@ def render(results: dict[str, Any]) -> str:
         f"{results['config']['freeze_blocks']} trunk blocks frozen, U-Net base width "
         f"{results['config']['model']['unet_base_width']}, "
         f"P x K = {results['config']['p']} x {results['config']['k']}, "
+        + (
+            f"an epoch cut to {results['config']['epoch_batches']} batches (`--epoch-batches`), "
+            if results["config"].get("epoch_batches")
+            else ""
+        )
+        + f"warm-up {results['config']['warmup_epochs']} epoch(s) in the strong rows, "
         f"extractor lr {results['config']['lr']} in every row. The strong recipe's settings: `training/config.py` "
-        "(`RECIPES`), docs/TRAINING.md.",
+        "(`RECIPES`), docs/TRAINING.md; how the input size, the frozen blocks and the epochs were chosen: "
+        'docs/TRAINING.md, "Choosing the CPU budget".',
         "",
         "## Reproduce",
         "",
@@ -401,14 +409,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"), help="the table's markdown file")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the trained rows")
     parser.add_argument(
-        "--epochs", default="5,1,2", help="E1,E2,E3: the masks rows' stage epochs; the strong row gets E1+E3"
+        "--epochs", default="22,1,1", help="E1,E2,E3: the masks rows' stage epochs; the strong row gets E1+E3"
     )
     parser.add_argument("--backbone", default="mobilenet_v2", help="extractor trunk")
-    parser.add_argument("--input-size", default="128x64", help="HxW of the network input")
+    parser.add_argument("--input-size", default="160x80", help="HxW of the network input")
     parser.add_argument("--unet-width", type=int, default=8, help="U-Net base width (paper: 32)")
-    parser.add_argument("--freeze-blocks", type=int, default=4, help="leading trunk blocks kept frozen")
+    parser.add_argument("--freeze-blocks", type=int, default=7, help="leading trunk blocks kept frozen")
     parser.add_argument("--lr", type=float, default=3.5e-4, help="Adam lr of the extractor, every row")
-    parser.add_argument("--warmup-epochs", type=int, default=1, help="the strong recipe's linear warm-up epochs")
+    parser.add_argument("--warmup-epochs", type=int, default=4, help="the strong recipe's linear warm-up epochs")
+    parser.add_argument(
+        "--epoch-batches",
+        type=int,
+        default=27,
+        help="cap every epoch at N P x K batches (0 = the whole training set); the mask stages cost several times "
+        "a stage-1 epoch, so short epochs let a 10-minute run hold all three stages",
+    )
     parser.add_argument("--train-ids", type=int, default=0, help="train on the first N identities only (0 = all)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -481,6 +496,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         freeze_blocks=args.freeze_blocks,
         lr=args.lr,
         eval_every=0,  # each stage's end only
+        epoch_batches=args.epoch_batches,
         device=args.device,
         workers=0,
         dataset_kwargs={"query_camid": 0},

@@ -137,7 +137,13 @@ def build_loaders(config: TrainConfig, rank: int = 0, world_size: int = 1):
     dataset = build_dataset(config.dataset, config.root, **config.dataset_kwargs)
     model_config = config.model_config()
     sampler = RandomIdentitySampler(
-        dataset.train, num_pids=config.p, num_instances=config.k, seed=config.seed, rank=rank, world_size=world_size
+        dataset.train,
+        num_pids=config.p,
+        num_instances=config.k,
+        seed=config.seed,
+        rank=rank,
+        world_size=world_size,
+        max_batches=config.epoch_batches,
     )
     train = torch.utils.data.DataLoader(
         ImageDataset(dataset.train, build_train_transform(model_config, erasing_p=config.random_erasing)),

@@ -38,9 +38,15 @@ class TrainConfig:
     pretrained: str | None = _opt(None, "local ImageNet weights file for the trunk (or 'download')")
     epochs: tuple[int, int, int] = _opt((50, 25, 100), "epochs of stages 1,2,3 (section 3.3)")
     stages: tuple[int, ...] = _opt((1, 2, 3), "stages this invocation runs, e.g. 1,2,3 or 2")
+    epoch_batches: int = _opt(
+        0, "cap an epoch at N P x K batches (global), a random share of the identities each epoch; 0 = all (paper)"
+    )
     p: int = _opt(20, "identities per batch")
     k: int = _opt(3, "images per identity (P x K = 60)")
     lr: float = _opt(2e-4, "Adam lr of the extractor (and the ID loss's classifier)")
+    head_lr_factor: float = _opt(
+        1.0, "the ID loss classifier's lr as a multiple of --lr (fast-reid's HEADS_LR_FACTOR; Luo et al.: 1)"
+    )
     warmup_epochs: int = _opt(0, "linear lr warm-up of the extractor from lr/10 over its first N epochs; 0 = none")
     lr_schedule: str = _opt(
         "constant", "extractor lr after the warm-up: constant (paper), cosine or step", choices=LR_SCHEDULES
@@ -80,9 +86,10 @@ class TrainConfig:
             or list(self.stages) != sorted(set(self.stages))
         ):
             raise ValueError(f"stages must be an increasing list drawn from 1, 2, 3, got {self.stages}")
-        if self.warmup_epochs < 0 or self.freeze_blocks < 0:
+        if self.warmup_epochs < 0 or self.freeze_blocks < 0 or self.epoch_batches < 0:
             raise ValueError(
-                f"warmup_epochs and freeze_blocks must be >= 0, got {self.warmup_epochs}, {self.freeze_blocks}"
+                "warmup_epochs, freeze_blocks and epoch_batches must be >= 0, got "
+                f"{self.warmup_epochs}, {self.freeze_blocks}, {self.epoch_batches}"
             )
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose {', '.join(LR_SCHEDULES)}")
@@ -93,6 +100,8 @@ class TrainConfig:
         for name in ("lambda1", "lambda2", "random_erasing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.lr <= 0 or self.head_lr_factor <= 0:
+            raise ValueError(f"lr and head_lr_factor must be > 0, got {self.lr}, {self.head_lr_factor}")
         if not 0.0 <= self.label_smoothing < 1.0 or self.id_loss_weight < 0:
             raise ValueError(
                 f"label_smoothing must be in [0, 1) and id_loss_weight >= 0, got {self.label_smoothing}, "

@@ -128,7 +128,7 @@ def build_networks(config: TrainConfig, device: torch.device, train_pids: Sequen
     nets = Networks(
         extractor,
         mask_generator,
-        torch.optim.Adam(model.parameters(), lr=config.lr),
+        torch.optim.Adam(_extractor_param_groups(model, config), lr=config.lr),
         torch.optim.Adam(mask_generator.parameters(), lr=config.mask_lr),
         scaler,
         world_size,
@@ -145,6 +145,17 @@ def build_networks(config: TrainConfig, device: torch.device, train_pids: Sequen
         set_stage_modes(1, nets, config.freeze_blocks)
         nets.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     return nets
+
+
+def _extractor_param_groups(model: ReidTrainModel, config: TrainConfig) -> list[dict[str, Any]]:
+    """The extractor's Adam groups: its own parameters, then the ID classifier's (if any) at ``head_lr_factor``
+    times the lr; each group's ``lr_scale`` is kept for the schedule."""
+    head = list(model.classifier.parameters()) if model.classifier is not None else []
+    body = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    groups = [{"params": body, "lr": config.lr, "lr_scale": 1.0}]
+    if head:
+        groups.append({"params": head, "lr": config.lr * config.head_lr_factor, "lr_scale": config.head_lr_factor})
+    return groups
 
 
 def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -311,7 +322,7 @@ def train_one_epoch(
     count = 0
     for images, pids, _camids, _index in progress(loader) if progress else loader:
         for group in nets.opt_extractor.param_groups:
-            group["lr"] = config.lr * lr_factor(config, stage, epoch, count, steps)
+            group["lr"] = config.lr * group.get("lr_scale", 1.0) * lr_factor(config, stage, epoch, count, steps)
         images, pids = images.to(device, non_blocking=True), pids.to(device, non_blocking=True)
         if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

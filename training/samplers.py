@@ -12,6 +12,8 @@ Every consecutive block of P * K indices it yields is one batch: P distinct iden
 identity has fewer than K images, all of them topped up with repeats drawn with replacement). An epoch follows
 torchreid's ``RandomIdentitySampler``: each identity's images are shuffled and cut into groups of K, and batches
 take one group from each of P identities drawn at random among those with groups left, until fewer than P remain.
+With ``max_batches`` an epoch stops after that many batches (a random share of the identities each epoch): short
+epochs, so that a small budget can still give every stage whole epochs.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ class RandomIdentitySampler(torch.utils.data.Sampler[int]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        max_batches: int = 0,  # 0 = every batch the data give
     ) -> None:
+        if max_batches < 0:
+            raise ValueError(f"max_batches must be >= 0 (0 = no cap), got {max_batches}")
         if num_pids < 1 or num_instances < 1:
             raise ValueError(f"num_pids and num_instances must be >= 1, got P={num_pids}, K={num_instances}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -52,6 +57,7 @@ class RandomIdentitySampler(torch.utils.data.Sampler[int]):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.max_batches = max_batches
         self.epoch = 0
         index_by_pid: dict[int, list[int]] = defaultdict(list)
         for index, sample in enumerate(samples):
@@ -90,6 +96,8 @@ class RandomIdentitySampler(torch.utils.data.Sampler[int]):
                 batch.extend(groups[available[i]].pop())
             batches.append(batch)
             available = [pid for pid in available if groups[pid]]
+        if self.max_batches:
+            batches = batches[: self.max_batches]
         # Every rank gets the same number of batches (DistributedDataParallel steps in lockstep).
         batches = batches[: len(batches) - len(batches) % self.world_size]
         self._cache = (epoch, batches)

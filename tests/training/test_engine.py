@@ -247,6 +247,22 @@ def test_train_one_epoch_applies_the_warmup_to_the_extractor_lr() -> None:
     assert nets.opt_extractor.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.55)  # the last of 2 steps
 
 
+def test_the_id_classifier_gets_head_lr_factor_times_the_scheduled_lr() -> None:
+    from training.engine import train_one_epoch
+
+    model = dataclasses.replace(SMALL_MODEL, bnneck=True, neck_feat="after")
+    config = TrainConfig(**{**SMALL, "model": model}, id_loss_weight=1.0, lr=1e-3, warmup_epochs=1, head_lr_factor=10)
+    images, pids = _batch(config)
+    nets = build_networks(config, torch.device("cpu"), train_pids=pids.tolist())
+    body, head = nets.opt_extractor.param_groups
+    assert [id(p) for p in head["params"]] == [id(nets.train_model.classifier.weight)]
+    assert len(body["params"]) == len(list(nets.extractor.parameters()))
+    train_one_epoch(1, [(images, pids, torch.zeros_like(pids), pids)] * 2, nets, config, torch.device("cpu"))
+    assert body["lr"] == pytest.approx(1e-3 * 0.55) and head["lr"] == pytest.approx(1e-2 * 0.55)  # warm-up, both
+    with pytest.raises(ValueError, match="head_lr_factor must be > 0"):
+        TrainConfig(**SMALL, head_lr_factor=0)
+
+
 def test_id_loss_trains_the_classifier_on_the_bnneck_feature_and_off_it_gets_no_gradient() -> None:
     model = dataclasses.replace(SMALL_MODEL, bnneck=True, neck_feat="after")
     config = TrainConfig(**{**SMALL, "model": model}, id_loss_weight=1.0, label_smoothing=0.1)

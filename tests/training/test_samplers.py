@@ -107,3 +107,17 @@ def test_too_few_identities_or_bad_arguments_are_errors() -> None:
         RandomIdentitySampler(samples, num_pids=2, rank=2, world_size=2)
     with pytest.raises(ValueError, match="K=0"):
         RandomIdentitySampler(samples, num_pids=2, num_instances=0)
+
+
+def test_max_batches_makes_short_epochs_of_the_same_batches() -> None:
+    samples = _samples(COUNTS)
+    whole = RandomIdentitySampler(samples, num_pids=4, num_instances=3, seed=5)
+    short = RandomIdentitySampler(samples, num_pids=4, num_instances=3, seed=5, max_batches=2)
+    for epoch in range(3):
+        whole.set_epoch(epoch)
+        short.set_epoch(epoch)
+        assert len(whole.batches()) > 2
+        assert short.batches() == whole.batches()[:2]  # a prefix: the same P x K batches, cut short
+        assert len(list(short)) == len(short) == 2 * 12
+    with pytest.raises(ValueError, match="max_batches must be >= 0"):
+        RandomIdentitySampler(samples, num_pids=4, max_batches=-1)
