@@ -299,7 +299,10 @@ class Gallery:
                 reason = f"the snapshot and the log give {len(state.index)} entries, the database {count}"
                 state = None
         if state is None:
-            logger.warning("rebuilding the index from the database: %s", reason)
+            with self.sessions() as session:
+                fresh = not self.index_path.exists() and not session.scalar(select(func.count(Entry.id)))
+            # A new gallery has no snapshot yet, and nothing to rebuild: no cause for a warning.
+            logger.log(logging.INFO if fresh else logging.WARNING, "rebuilding the index from the database: %s", reason)
             self.state = self._build_from_database(progress=True)
             self.catch_up()
             self.rebuilt = True
@@ -678,12 +681,15 @@ class Gallery:
             total = session.scalar(count) or 0
             return total, list(session.scalars(query.order_by(Entry.id).offset(offset).limit(limit)))
 
-    def identities(self) -> list[tuple[str, int]]:
+    def identities(self) -> list[tuple[str, int, int]]:
+        """(identity, number of entries, its lowest entry id: the first crop enrolled), by name; one query."""
         with self.sessions() as session:
             rows = session.execute(
-                select(Entry.identity, func.count(Entry.id)).group_by(Entry.identity).order_by(Entry.identity)
+                select(Entry.identity, func.count(Entry.id), func.min(Entry.id))
+                .group_by(Entry.identity)
+                .order_by(Entry.identity)
             ).all()
-        return [(r[0], int(r[1])) for r in rows]
+        return [(r[0], int(r[1]), int(r[2])) for r in rows]
 
     def search(self, queries: np.ndarray, k: int, where: EntryFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(n, k) squared-L2 distances and ids, nearest first, -1 padded; one FAISS call for all n queries.

@@ -356,3 +356,28 @@ def test_an_ivf_query_alone_or_in_a_batch_gets_the_same_answer() -> None:
         alone_d, alone_ids = index.search(query[None], 5)
         np.testing.assert_array_equal(alone_ids[0], batch_ids[row])
         np.testing.assert_allclose(alone_d[0], batch_d[row], rtol=1e-5)
+
+
+def test_a_new_gallery_starts_quietly_and_a_lost_snapshot_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = np.random.default_rng(6)
+    with caplog.at_level("INFO", logger="app.gallery"):
+        gallery = make_gallery(tmp_path, None, "Flat")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # nothing to rebuild, nothing lost
+    assert any("no index snapshot" in r.getMessage() for r in caplog.records)
+    enroll(gallery, rng, 10, 0)
+    assert [e[:2] for e in gallery.identities()] == [(f"p{i}", 2 if i < 3 else 1) for i in range(7)]
+    assert gallery.identities()[0][2] == min(gallery.ids_of_identity("p0"))  # the first crop: the thumbnail
+    gallery.close()
+    gallery.engine.dispose()
+    (tmp_path / "data" / "gallery.faiss").unlink()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="app.gallery"):
+        again = make_gallery(tmp_path, None, "Flat")
+    try:
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any("rebuilding the index from the database: no index snapshot" in m for m in warnings)
+    finally:
+        again.close()
+        again.engine.dispose()

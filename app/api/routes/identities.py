@@ -28,17 +28,10 @@ TOTAL_COUNT_HEADER = {
 
 
 def identity_page(gallery: Gallery, offset: int, limit: int | None) -> tuple[int, list[IdentityOut]]:
-    """(number of identities, the page of them by name, each with its first entry as thumbnail).
-
-    One indexed query per identity on the page; a GROUP BY returning each identity's smallest id would make it
-    one query."""
+    """(number of identities, the page of them by name, each with its first entry as thumbnail)."""
     rows = gallery.identities()
     page = rows[offset:] if limit is None else rows[offset : offset + limit]
-    out = []
-    for identity, entries in page:
-        _, first = gallery.list(identity, 0, 1)  # the lowest id: its first enrolled crop
-        out.append(IdentityOut(identity=identity, entries=entries, thumbnail=first[0].id if first else None))
-    return len(rows), out
+    return len(rows), [IdentityOut(identity=name, entries=n, thumbnail=first) for name, n, first in page]
 
 
 # Paged with `offset` / `limit`; the answer keeps today's list shape, the total goes in X-Total-Count.
