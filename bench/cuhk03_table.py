@@ -16,8 +16,8 @@ Rows, each on the val split (camera 0 queries, camera 1 gallery, standard same-c
 Every trained row runs for every seed; the table gives the mean and the spread (sample standard deviation) of
 the final epoch's figures (never the best epoch: picking the best on val would be tuning on the test set), the
 true-match rate at a false-match rate of 1e-2 (the threshold calibrated on the same val pairs, as export does),
-and each row's wall time (training and its evaluations; a forked row counts the shared epochs). Then the final
-weights of the best strong-recipe run are exported with their thresholds, loaded by the service
+and each row's time in training steps and in all (with its evaluations); a forked row counts the shared epochs.
+Then the final weights of the best strong-recipe run are exported with their thresholds, loaded by the service
 (``app.create_app``), the val gallery enrolled through ``POST /gallery`` and every query asked through
 ``POST /query``: the service's rank-1 identity must equal the offline evaluation's for every query.
 
@@ -26,16 +26,17 @@ weights of the best strong-recipe run are exported with their thresholds, loaded
 
 writes ``docs/RESULTS.md`` (``--results``), and in ``--out`` the runs, the exported weights and ``figure1.png``.
 Run one torch process at a time on a 2-core machine: two at once run ten times slower. The defaults (160x80, the
-first 7 trunk blocks frozen, epochs of 27 batches, E1+E2+E3 = 22+1+1) were chosen from timed probes
-(docs/TRAINING.md, "Choosing the CPU budget"): a stage-1 step takes about 0.74 s there, a stage-2 step 2.0 s and a
-stage-3 step 2.6 s, so the masks row (the dearest) trains for about 9.5 minutes, the strong row 7.6 and the whole
-table of 3 seeds about 70. ``--served-features RUN`` only compares the four served templates of a BNNeck run
-(before / after the BNNeck, raw / L2-normalised).
+first 7 trunk blocks frozen, epochs of 27 batches, E1+E2+E3 = 18+1+1) were chosen from timed probes
+(docs/TRAINING.md, "Choosing the CPU budget"): a stage-1 step takes 0.74-0.87 s there, a stage-2 step 2.0 s and a
+stage-3 step 2.6 s, so the masks and paper rows (the dearest) train for about 9.5 minutes, the strong row 7.5 and
+the whole table of 3 seeds takes about 75. ``--served-features RUN`` only compares the four served templates of a
+BNNeck run (before / after the BNNeck, raw / L2-normalised).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import logging
@@ -276,6 +277,13 @@ def _machine() -> str:
     return f"{cpu}, {threads} torch threads, {gpu}; torch {torch.__version__}"
 
 
+def training_seconds(run: Path) -> float:
+    """A run's time in training steps, evaluations left out: its epochs' ``epoch_seconds`` in log.csv (a forked
+    run's log holds the shared epochs too)."""
+    with open(run / "log.csv", newline="") as f:
+        return sum(float(row["epoch_seconds"]) for row in csv.DictReader(f))
+
+
 def render(results: dict[str, Any]) -> str:
     """docs/RESULTS.md from the collected results (all figures measured by this run)."""
     args, seeds, budget = results["args"], results["seeds"], Budget(**results["budget"])
@@ -306,7 +314,7 @@ def render(results: dict[str, Any]) -> str:
             else f"of one seed ({next(iter(seeds))}): no spread can be given."
         ),
         "",
-        "| row | rank-1 | rank-5 | mAP | mINP | TMR at FMR 1e-2 | wall time per run |",
+        "| row | rank-1 | rank-5 | mAP | mINP | TMR at FMR 1e-2 | training / wall time per run |",
         "|---|---|---|---|---|---|---|",
         "| no re-ID training (ImageNet features) | "
         + " | ".join(f"{results['floor'][k]:.1f}" for k in FIGURES)
@@ -316,7 +324,8 @@ def render(results: dict[str, Any]) -> str:
         cells = [_mean_spread(column(row, k)) for k in FIGURES]
         tmr = _mean_spread([seeds[s][row]["tmr"] for s in seeds])
         wall = statistics.mean(seeds[s][row]["seconds"] for s in seeds) / 60
-        lines.append(f"| {names[row]} | {' | '.join(cells)} | {tmr} | {wall:.1f} min |")
+        train = statistics.mean(training_seconds(Path(seeds[s][row]["run"])) for s in seeds) / 60
+        lines.append(f"| {names[row]} | {' | '.join(cells)} | {tmr} | {train:.1f} / {wall:.1f} min |")
         if row == "strong":
             cells = [_mean_spread(column("strong", k, "rerank_")) for k in FIGURES]
             lines.append(f"| strong recipe + k-reciprocal re-ranking | {' | '.join(cells)} | – | (as above) |")
@@ -409,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"), help="the table's markdown file")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the trained rows")
     parser.add_argument(
-        "--epochs", default="22,1,1", help="E1,E2,E3: the masks rows' stage epochs; the strong row gets E1+E3"
+        "--epochs", default="18,1,1", help="E1,E2,E3: the masks rows' stage epochs; the strong row gets E1+E3"
     )
     parser.add_argument("--backbone", default="mobilenet_v2", help="extractor trunk")
     parser.add_argument("--input-size", default="160x80", help="HxW of the network input")

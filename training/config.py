@@ -15,6 +15,7 @@ from models import ModelConfig
 
 AMP_MODES = ("none", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "step")
+HIDDEN_BN_STATS = ("clean", "both")
 
 
 def _opt(default: Any, help: str, **metadata: Any) -> Any:
@@ -59,6 +60,14 @@ class TrainConfig:
     id_loss_weight: float = _opt(0.0, "weight of the ID loss (cross-entropy on the BNNeck feature); 0 = off")
     label_smoothing: float = _opt(0.0, "label smoothing of the ID loss (the field's 0.1)")
     random_erasing: float = _opt(0.0, "probability of random erasing a training crop (the field's 0.5)")
+    # The paper does not say which views feed BatchNorm's running statistics. The served forward sees clean crops
+    # only, so by default only the clean view updates them (the hidden view is still normalised with its own
+    # batch statistics in training), as AdvProp keeps perturbed views out of the clean BN (Xie et al., 2020).
+    hidden_bn_stats: str = _opt(
+        "clean",
+        "stage 3: BatchNorm running statistics from the clean view only (clean) or from both views (both)",
+        choices=HIDDEN_BN_STATS,
+    )
     lambda1: float = _opt(0.90, "weight of the clean triplet loss in stage 3")
     lambda2: float = _opt(0.95, "weight of the identity loss of the mask generator")
     eval_every: int = _opt(5, "evaluate every N epochs (and at each stage's end); 0 = only at the end")
@@ -93,6 +102,8 @@ class TrainConfig:
             )
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose {', '.join(LR_SCHEDULES)}")
+        if self.hidden_bn_stats not in HIDDEN_BN_STATS:
+            raise ValueError(f"unknown hidden_bn_stats {self.hidden_bn_stats!r}; choose {', '.join(HIDDEN_BN_STATS)}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"unknown amp mode {self.amp!r}; choose {', '.join(AMP_MODES)}")
         if self.p < 2 or self.k < 2:

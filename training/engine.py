@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,9 +47,12 @@ class ReidTrainModel(nn.Module):
     the extractor's losses come from one forward, the one DistributedDataParallel synchronises.
     """
 
-    def __init__(self, extractor: FeatureExtractor, train_pids: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, extractor: FeatureExtractor, train_pids: Sequence[int] | None = None, clean_bn_stats: bool = True
+    ) -> None:
         super().__init__()
         self.extractor = extractor
+        self.clean_bn_stats = clean_bn_stats  # only the first view (the clean one) moves BN's running statistics
         pids = sorted(set(train_pids or ()))
         self.register_buffer("train_pids", torch.tensor(pids, dtype=torch.long))  # class c is pid train_pids[c]
         self.classifier: nn.Linear | None = None
@@ -68,10 +71,28 @@ class ReidTrainModel(nn.Module):
 
     def forward(self, *views: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         out = []
-        for images in views:
-            feat, neck = self.extractor.forward_neck(images)
+        for i, images in enumerate(views):
+            keep = i > 0 and self.clean_bn_stats
+            with running_stats_kept(self.extractor) if keep else contextlib.nullcontext():
+                feat, neck = self.extractor.forward_neck(images)
             out.append((feat, self.classifier(neck) if self.classifier is not None else None))
         return out
+
+
+@contextlib.contextmanager
+def running_stats_kept(module: nn.Module) -> Iterator[None]:
+    """Train-mode BatchNorm inside normalises with the batch's statistics but leaves the running ones as they
+    were (momentum 0: running = 1 * running + 0 * batch, exactly); the buffers are not touched from outside, which
+    autograd would refuse before the backward pass."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
 
 
 @dataclass
@@ -118,7 +139,9 @@ def build_networks(config: TrainConfig, device: torch.device, train_pids: Sequen
             f"freeze_blocks={config.freeze_blocks}, but a {model_config.backbone} trunk has "
             f"{len(extractor.trunk_blocks())} blocks"
         )
-    model = ReidTrainModel(extractor, train_pids if config.id_loss_weight > 0 else None).to(device)
+    model = ReidTrainModel(
+        extractor, train_pids if config.id_loss_weight > 0 else None, config.hidden_bn_stats == "clean"
+    ).to(device)
     mask_generator = build_mask_generator(model_config).to(device)
     if config.channels_last:
         extractor.to(memory_format=torch.channels_last)

@@ -167,11 +167,13 @@ def test_three_stages_lower_the_triplet_loss_and_raise_map(tmp_path) -> None:
         assert (tmp_path / name).is_file(), name
 
 
-def test_stage3_mask_loss_forward_leaves_the_extractors_bn_statistics() -> None:
-    """Only the clean and hidden forwards (L_extractor's) may move the extractor's running statistics."""
+@pytest.mark.parametrize("hidden_bn_stats", ["clean", "both"])
+def test_stage3_running_statistics_come_from_the_clean_view_or_both_never_the_mask_loss(hidden_bn_stats: str) -> None:
+    """L_mask's forward never moves the extractor's running statistics; the hidden view does only with "both"
+    (the default "clean" keeps them those of clean crops, the only ones the served forward sees)."""
     from models import hide_top
 
-    config = TrainConfig(**SMALL)
+    config = TrainConfig(**SMALL, hidden_bn_stats=hidden_bn_stats)
     nets = build_networks(config, torch.device("cpu"))
     images, pids = _batch(config)
     set_stage_modes(3, nets)
@@ -179,11 +181,17 @@ def test_stage3_mask_loss_forward_leaves_the_extractors_bn_statistics() -> None:
     with torch.no_grad():
         mask = gen_copy(images)
         ext_copy(images)
-        ext_copy(hide_top(images, mask, config.model.mask_ratio))
+        hidden_only = copy.deepcopy(ext_copy)
+        hidden_only(hide_top(images, mask, config.model.mask_ratio))
     training_step(3, images, pids, nets, config, torch.device("cpu"))
-    expected = dict(ext_copy.named_buffers())
-    for name, value in nets.extractor.named_buffers():
+    expected = dict((hidden_only if hidden_bn_stats == "both" else ext_copy).named_buffers())
+    other = dict((ext_copy if hidden_bn_stats == "both" else hidden_only).named_buffers())
+    stats = [(n, v) for n, v in nets.extractor.named_buffers() if n.endswith(("running_mean", "running_var"))]
+    assert stats
+    for name, value in stats:
         assert torch.allclose(value, expected[name]), name
+    assert any(not torch.allclose(value, other[name]) for name, value in stats)  # the choice is visible
+    assert all(m.momentum == 0.1 for m in nets.extractor.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
 def test_frozen_trunk_blocks_keep_weights_and_bn_statistics_in_stages_1_and_3() -> None:
