@@ -28,9 +28,9 @@ writes ``docs/RESULTS.md`` (``--results``), and in ``--out`` the runs, the expor
 Run one torch process at a time on a 2-core machine: two at once run ten times slower. The defaults (160x80, the
 first 7 trunk blocks frozen, epochs of 27 batches, E1+E2+E3 = 18+1+1) were chosen from timed probes
 (docs/TRAINING.md, "Choosing the CPU budget"): a stage-1 step takes 0.74-0.87 s there, a stage-2 step 2.0 s and a
-stage-3 step 2.6 s, so the masks and paper rows (the dearest) train for about 9.5 minutes, the strong row 7.5 and
-the whole table of 3 seeds takes about 75. ``--served-features RUN`` only compares the four served templates of a
-BNNeck run (before / after the BNNeck, raw / L2-normalised).
+stage-3 step 2.6 s. Measured in the 3-seed table: the paper and masks rows trained for 7.5-8.3 minutes (10.3 in one
+slow spell), the strong row 5.4, the whole table 60. ``--served-features RUN`` only compares the four served
+templates of a BNNeck run (before / after the BNNeck, raw / L2-normalised).
 """
 
 from __future__ import annotations
