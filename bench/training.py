@@ -5,6 +5,8 @@ Their ratio shows whether loading starves the networks.
 
     python -m bench.training                         # CPU: P x K = 4 x 2, a few minutes
     python -m bench.training --p 20 --k 3 --amp bf16  # a GPU, the paper's batch
+    python -m bench.training --backbone mobilenet_v2 --input-size 160x80 --p 20 --k 3 --freeze-blocks 7 \
+        --unet-width 8 --workers 0 --stages 1,3 --amp bf16 --channels-last   # the CPU table's steps
 
 Rounds alternate a block of steps from the loader (a fresh iterator, its first step untimed: no batches prefetched
 while the other block ran) with a block from memory; the ratio is paired within each round.
@@ -79,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per block (default 5 on CUDA, 2 on CPU)")
     parser.add_argument("--rounds", type=int, default=None, help="loader/memory block pairs (default 3 CUDA, 2 CPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--amp", default="none", choices=AMP_MODES, help="mixed precision on CUDA")
+    parser.add_argument("--amp", default="none", choices=AMP_MODES, help="bf16 (CUDA or CPU) or fp16 (CUDA)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last networks and batches")
+    parser.add_argument("--freeze-blocks", type=int, default=0, help="leading trunk blocks frozen (no backward)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     add_common_args(parser)
     return parser
@@ -125,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             device=str(device),
             amp=args.amp,
             channels_last=args.channels_last,
+            freeze_blocks=args.freeze_blocks,
             seed=args.seed,
         )
         loaders = build_loaders(config)
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         in_memory = [_to_device(next(warm), device, config) for _ in range(steps)]
         del warm
         for stage in args.stages:
-            set_stage_modes(stage, nets)
+            set_stage_modes(stage, nets, config.freeze_blocks)
             logger.info("stage %d: warm-up", stage)
             timed_steps(stage, lambda: in_memory[0], 1, nets, config, device)
             loader_s, loader_wait, memory_s, ratios = [], [], [], []
@@ -170,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     table.notes += [
         f"{args.backbone} extractor and U-Net (base {args.unet_width}) at {height}x{width}, P x K = {p} x {k} = "
-        f"{p * k} images a step, amp {args.amp}, channels_last {args.channels_last}, on {device}; random initial "
+        f"{p * k} images a step, amp {args.amp}, channels_last {args.channels_last}, {args.freeze_blocks} trunk "
+        f"blocks frozen, on {device}; random initial "
         "weights, Adam; synthetic 128x64 JPEGs.",
         f"{rounds} rounds of {steps} steps from the loader then {steps} from memory; x in memory: median over rounds "
         "of the in-memory step time / the loader's (1 = loading keeps up; below 1 it starves the networks). "

@@ -73,7 +73,7 @@ class TrainConfig:
     eval_every: int = _opt(5, "evaluate every N epochs (and at each stage's end); 0 = only at the end")
     rerank: bool = _opt(False, "k-reciprocal re-ranking (Zhong et al., 2017) at evaluation")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N (auto = cuda when present)")
-    amp: str = _opt("none", "mixed precision on CUDA", choices=AMP_MODES)
+    amp: str = _opt("none", "mixed precision: bf16 (CUDA or CPU) or fp16 (CUDA)", choices=AMP_MODES)
     channels_last: bool = _opt(False, "channels_last memory format")
     workers: int = _opt(4, "data loader processes")
     seed: int = _opt(0, "random seed")

@@ -37,12 +37,13 @@ class _GlobalStatistics:
         n = stats[-1]
         mean = stats[:channels] / n
         var = (stats[channels : 2 * channels] / n - mean * mean).clamp_min(0)  # biased, for normalising
-        mean, var = mean.to(input.dtype), var.to(input.dtype)
-        if self.track_running_stats:
+        if self.track_running_stats:  # kept in the buffers' dtype (fp32), also when autocast feeds bf16 inputs
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_var.lerp_(var.detach() * float(n / (n - 1)), self.momentum)  # unbiased, as BatchNorm keeps
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                unbiased = var.detach() * float(n / (n - 1))  # as BatchNorm keeps it
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        mean, var = mean.to(input.dtype), var.to(input.dtype)
         shape = [1, channels] + [1] * (input.dim() - 2)
         out = (input - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
@@ -78,7 +79,8 @@ def gather_batch(features: torch.Tensor, pids: torch.Tensor) -> tuple[torch.Tens
     gradient for this rank's slice (each rank computes the same loss; DDP then averages over the ranks)."""
     if world_size() == 1:
         return features, pids
-    all_features = torch.cat(dist_nn.all_gather(features.contiguous()))
+    # In fp32: the loss is computed in fp32 anyway, and gloo need not know autocast's bf16.
+    all_features = torch.cat(dist_nn.all_gather(features.float().contiguous()))
     gathered = [torch.empty_like(pids) for _ in range(world_size())]
     dist.all_gather(gathered, pids.contiguous())
     return all_features, torch.cat(gathered)

@@ -9,10 +9,15 @@ import torch.nn.functional as F
 
 
 def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
-    """(B, D) -> (B, B) Euclidean distances, with a floor so the gradient of sqrt stays finite."""
-    sq = (x * x).sum(1)
-    d2 = sq[:, None] + sq[None, :] - 2.0 * x @ x.t()
-    return d2.clamp_min(1e-12).sqrt()
+    """(B, D) -> (B, B) Euclidean distances in fp32, with a floor so the gradient of sqrt stays finite.
+
+    Autocast is off here: under it ``x @ x.t()`` would run in bf16 / fp16, whose 8 / 11 bits of mantissa blur the
+    small gaps between the hardest positive and negative that batch-hard mining compares."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 / fp16 up to fp32, fp64 kept
+        sq = (x * x).sum(1)
+        d2 = sq[:, None] + sq[None, :] - 2.0 * x @ x.t()
+        return d2.clamp_min(1e-12).sqrt()
 
 
 def triplet_loss(

@@ -301,3 +301,63 @@ def test_id_loss_trains_the_classifier_on_the_bnneck_feature_and_off_it_gets_no_
 def test_the_id_loss_without_training_identities_is_refused() -> None:
     with pytest.raises(ValueError, match="needs the training identities"):
         build_networks(TrainConfig(**SMALL, id_loss_weight=1.0), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_amp_bf16_runs_the_networks_in_bf16_on_the_cpu_and_keeps_fp32_weights(stage: int) -> None:
+    """--amp bf16 is autocast on the CPU too (oneDNN's AMX / AVX-512 bf16 kernels); without it the convs stay fp32."""
+    out_dtypes: dict[str, list[torch.dtype]] = {}
+    # 128x64: at 64x32 a ResNet's layer4 meets oneDNN's bf16 fault that check_mixed_precision refuses.
+    small = {**SMALL, "model": dataclasses.replace(SMALL_MODEL, input_height=128, input_width=64)}
+    for amp in ("none", "bf16"):
+        config = TrainConfig(**small, amp=amp, channels_last=True)
+        nets = build_networks(config, torch.device("cpu"))
+        images, pids = _batch(config)
+        images = torch.nn.functional.interpolate(images, size=(128, 64))
+        set_stage_modes(stage, nets)
+        seen: list[torch.dtype] = []
+        convs = [[m for m in nets.extractor.modules() if isinstance(m, torch.nn.Conv2d)][-1]]  # the 512-d head's
+        if stage == 3:
+            convs.append(next(m for m in nets.mask_generator.modules() if isinstance(m, torch.nn.Conv2d)))
+        hooks = [c.register_forward_hook(lambda _m, _i, out, seen=seen: seen.append(out.dtype)) for c in convs]
+        before = {k: v.clone() for k, v in nets.extractor.named_parameters()}
+        losses = training_step(
+            stage, images.contiguous(memory_format=torch.channels_last), pids, nets, config, torch.device("cpu")
+        )
+        for hook in hooks:
+            hook.remove()
+        out_dtypes[amp] = seen
+        assert all(math.isfinite(v.item()) for v in losses.values())
+        assert all(p.dtype == torch.float32 for p in (*nets.extractor.parameters(), *nets.mask_generator.parameters()))
+        assert any(not torch.equal(nets.extractor.get_parameter(k), v) for k, v in before.items())
+    assert set(out_dtypes["none"]) == {torch.float32}
+    assert set(out_dtypes["bf16"]) == {torch.bfloat16}
+
+
+def test_fp16_off_cuda_is_refused_with_a_pointer_to_bf16() -> None:
+    with pytest.raises(ValueError, match="--amp fp16 needs CUDA, not cpu; use --amp bf16"):
+        build_networks(TrainConfig(**SMALL, amp="fp16"), torch.device("cpu"))
+
+
+class _WrongUnderAutocast(torch.nn.Conv2d):
+    """A convolution that is right in fp32 and negated under autocast: a kernel that is wrong in low precision."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -super().forward(x) if torch.is_autocast_enabled(x.device.type) else super().forward(x)
+
+
+def test_mixed_precision_that_gives_wrong_outputs_is_refused_before_training() -> None:
+    from training.engine import check_mixed_precision
+
+    config = TrainConfig(**SMALL, amp="bf16")
+    healthy = build_networks(
+        dataclasses.replace(config, model=dataclasses.replace(SMALL_MODEL, input_height=128, input_width=64)),
+        torch.device("cpu"),
+    )  # its own check passed: bf16 keeps every layer close to fp32
+    wrong = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), _WrongUnderAutocast(4, 4, 3, stride=2))
+    with pytest.raises(
+        ValueError, match=r"--amp bf16 gives wrong outputs in the mask generator 1 layer on cpu at 64x32"
+    ):
+        check_mixed_precision({"extractor": healthy.extractor, "mask generator": wrong}, config, torch.device("cpu"))
+    assert wrong.training and not any(m._forward_hooks for m in wrong.modules())  # mode and hooks put back
+    check_mixed_precision({"mask generator": wrong}, TrainConfig(**SMALL), torch.device("cpu"))  # fp32: no check

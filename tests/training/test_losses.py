@@ -13,6 +13,7 @@ from training.losses import (
     id_loss,
     identity_loss,
     mask_loss,
+    pairwise_distance,
     sparsity_loss,
     triplet_loss,
 )
@@ -101,3 +102,18 @@ def test_extractor_loss_adds_each_views_id_loss_at_its_weight() -> None:
     expected = 0.9 * (paper["loss_triplet"] + 0.5 * 2.0) + 0.1 * (paper["loss_triplet_masked"] + 0.5 * 3.0)
     assert strong["loss_extractor"].item() == pytest.approx(expected.item())
     assert "loss_id" not in paper and strong["loss_id"].item() == 2.0
+
+
+def test_pairwise_distance_stays_fp32_under_bf16_autocast() -> None:
+    """Batch-hard mining compares small gaps: under autocast the distances must not drop to bf16's 8-bit mantissa."""
+    x = torch.randn(60, 512, generator=torch.Generator().manual_seed(0))
+    x = x / x.norm(dim=1, keepdim=True)
+    off_diagonal = ~torch.eye(60, dtype=torch.bool)
+    exact = pairwise_distance(x.double())[off_diagonal]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = pairwise_distance(x)
+        blurred = (2 - 2 * x @ x.t()).clamp_min(0).sqrt()  # the same distances with the matmul left to autocast
+    assert under.dtype == torch.float32
+    assert torch.equal(under, pairwise_distance(x))
+    assert (under[off_diagonal].double() - exact).abs().max() < 1e-5
+    assert (blurred[off_diagonal].double() - exact).abs().max() > 1e-3
