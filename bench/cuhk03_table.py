@@ -26,10 +26,10 @@ Then the final weights of the best strong-recipe run are exported with their thr
 
 writes ``docs/RESULTS.md`` (``--results``), and in ``--out`` the runs, the exported weights and ``figure1.png``.
 Run one torch process at a time on a 2-core machine: two at once run ten times slower. The defaults (160x80, the
-first 7 trunk blocks frozen, epochs of 27 batches, E1+E2+E3 = 18+1+1) were chosen from timed probes
-(docs/TRAINING.md, "Choosing the CPU budget"): a stage-1 step takes 0.74-0.87 s there, a stage-2 step 2.0 s and a
-stage-3 step 2.6 s. Measured in the 3-seed table: the paper and masks rows trained for 7.5-8.3 minutes (10.3 in one
-slow spell), the strong row 5.4, the whole table 60. ``--served-features RUN`` only compares the four served
+first 7 trunk blocks frozen, epochs of 27 batches, E1+E2+E3 = 32+2+2, channels_last training steps, in bf16
+autocast where the CPU has AVX-512 BF16 or AMX) were chosen from timed probes (docs/TRAINING.md, "Choosing the
+CPU budget"). Measured in the 3-seed table on a 2-core Xeon with AMX: the paper and masks rows trained for 7.4-7.8
+minutes, the strong row 5.4-5.5, the whole table 53. ``--served-features RUN`` only compares the four served
 templates of a BNNeck run (before / after the BNNeck, raw / L2-normalised).
 """
 
@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from models import build_eval_transform, load_weights  # noqa: E402
 from training.cli import build_loaders  # noqa: E402
-from training.config import TrainConfig, recipe_config  # noqa: E402
+from training.config import AMP_MODES, TrainConfig, recipe_config  # noqa: E402
 from training.data import ImageDataset, build_dataset  # noqa: E402
 from training.engine import (  # noqa: E402
     Loaders,
@@ -284,6 +284,13 @@ def training_seconds(run: Path) -> float:
         return sum(float(row["epoch_seconds"]) for row in csv.DictReader(f))
 
 
+def _precision(config: dict[str, Any]) -> str:
+    """How the training steps ran, from a run's config (tables from before ``--amp`` on the CPU ran fp32)."""
+    amp = config.get("amp", "none")
+    name = "fp32" if amp == "none" else f"{amp} autocast"
+    return name + (", channels_last" if config.get("channels_last") else "")
+
+
 def render(results: dict[str, Any]) -> str:
     """docs/RESULTS.md from the collected results (all figures measured by this run)."""
     args, seeds, budget = results["args"], results["seeds"], Budget(**results["budget"])
@@ -386,6 +393,7 @@ def render(results: dict[str, Any]) -> str:
             else ""
         )
         + f"warm-up {results['config']['warmup_epochs']} epoch(s) in the strong rows, "
+        + f"training steps in {_precision(results['config'])}, evaluation in fp32, "
         f"extractor lr {results['config']['lr']} in every row. The strong recipe's settings: `training/config.py` "
         "(`RECIPES`), docs/TRAINING.md; how the input size, the frozen blocks and the epochs were chosen: "
         'docs/TRAINING.md, "Choosing the CPU budget".',
@@ -406,6 +414,12 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16, AMX); elsewhere oneDNN emulates it, slower than fp32."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private in torch 2.14: absent means no
+    return bool(probe and probe())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="../shared/data/cuhk03-detected", help="folder with manifest.csv")
@@ -418,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"), help="the table's markdown file")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the trained rows")
     parser.add_argument(
-        "--epochs", default="18,1,1", help="E1,E2,E3: the masks rows' stage epochs; the strong row gets E1+E3"
+        "--epochs", default="32,2,2", help="E1,E2,E3: the masks rows' stage epochs; the strong row gets E1+E3"
     )
     parser.add_argument("--backbone", default="mobilenet_v2", help="extractor trunk")
     parser.add_argument("--input-size", default="160x80", help="HxW of the network input")
@@ -436,6 +450,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-ids", type=int, default=0, help="train on the first N identities only (0 = all)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument(
+        "--amp",
+        default="bf16" if _native_bf16() else "none",
+        choices=AMP_MODES,
+        help="mixed precision of the training steps; evaluation is fp32 (default: bf16 where the CPU has AVX-512 "
+        "BF16 or AMX, else none)",
+    )
+    parser.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last networks"
+    )
     parser.add_argument(
         "--finish", action="store_true", help="from OUT/results.json of a stopped run: export, check, figure, table"
     )
@@ -507,6 +531,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         eval_every=0,  # each stage's end only
         epoch_batches=args.epoch_batches,
         device=args.device,
+        amp=args.amp,
+        channels_last=args.channels_last,
         workers=0,
         dataset_kwargs={"query_camid": 0},
     )
