@@ -88,7 +88,7 @@ def test_strong_recipe_flags_and_per_piece_overrides() -> None:
     parser = build_parser()
     strong = config_from_args(parser.parse_args(["fit", "--root", "x", "--recipe", "strong"]))
     assert strong.recipe == "strong" and strong.model.bnneck and strong.model.neck_feat == "after"
-    assert strong.model.normalize and strong.model.flip_average and strong.model.last_stride == 1
+    assert not strong.model.normalize and strong.model.flip_average and strong.model.last_stride == 1
     assert (strong.id_loss_weight, strong.label_smoothing, strong.random_erasing) == (1.0, 0.1, 0.5)
     assert strong.warmup_epochs > 0 and strong.lr_schedule == "cosine"
     # each piece is its own flag, over either recipe, and the masks (stages 2, 3) stay with either
