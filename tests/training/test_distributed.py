@@ -3,7 +3,11 @@ with the weights one process reaches on the whole batch (the strong recipe, stag
 
 from __future__ import annotations
 
+import dataclasses
 import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -52,25 +56,31 @@ def _train(rank: int, world_size: int, dtype: torch.dtype = torch.float32) -> di
     return {stage: _step(stage, rank, world_size, dtype) for stage in (1, 3)}
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, port: int, out_dir: str, train: Callable[[int, int], Any]) -> None:
+    """One gloo rank: ``train(rank, world_size)``'s result saved as ``out_dir/rank{rank}.pt``."""
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
     try:
-        torch.save(_train(rank, world_size), f"{out_dir}/rank{rank}.pt")
+        torch.save(train(rank, world_size), f"{out_dir}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_two_gloo_ranks_train_like_one_process_with_the_global_batch(tmp_path) -> None:
+def _two_ranks(train: Callable[[int, int], Any], tmp_path: Path) -> tuple[Any, Any]:
+    """``train`` run on 2 gloo ranks (processes); what rank 0 and rank 1 returned."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    torch.multiprocessing.spawn(_worker, args=(2, port, str(tmp_path), train), nprocs=2, join=True)
+    return torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_train_like_one_process_with_the_global_batch(tmp_path) -> None:
+    rank0, rank1 = _two_ranks(_train, tmp_path)
     # The reference is one float64 process. Measured on a 2-core Xeon with AMX: one float32 process lands up to 1%
     # away from it in the stem's and layer1's updates, while the 2 ranks, whose synchronised statistics are
     # computed in float64, stay within 1e-4 of it.
@@ -95,40 +105,26 @@ def test_two_gloo_ranks_train_like_one_process_with_the_global_batch(tmp_path) -
         assert moved_any, stage
 
 
-def _bf16_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    """Stages 1 and 3 in bf16 autocast on 2 gloo ranks: the synchronised BatchNorm and the gathered features meet
-    bf16 activations (128x64: at 64x32 oneDNN's bf16 fault is refused)."""
-    import dataclasses
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        model = dataclasses.replace(SMALL["model"], input_height=128, input_width=64)
-        config = _config(amp="bf16", channels_last=True, model=model)
-        nets = build_networks(config, torch.device("cpu"), train_pids=list(range(2 * P)))
-        images, pids = _global_batch()
-        images = torch.nn.functional.interpolate(images, size=(128, 64)).contiguous(memory_format=torch.channels_last)
-        share = slice(rank * len(pids) // world_size, (rank + 1) * len(pids) // world_size)
-        losses = {}
-        for stage in (1, 3):
-            set_stage_modes(stage, nets)
-            losses[stage] = training_step(stage, images[share], pids[share], nets, config, torch.device("cpu"))
-        state = {k: v.detach().clone() for k, v in nets.train_model.state_dict().items()}
-        torch.save({"losses": losses, "state": state}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _train_bf16(rank: int, world_size: int) -> dict[str, Any]:
+    """Stages 1 and 3 in bf16 autocast on this rank's share: the synchronised BatchNorm and the gathered features
+    meet bf16 activations (128x64: at 64x32 oneDNN's bf16 fault is refused). The losses and the weights after."""
+    torch.manual_seed(0)
+    model = dataclasses.replace(SMALL["model"], input_height=128, input_width=64)
+    config = _config(amp="bf16", channels_last=True, model=model)
+    nets = build_networks(config, torch.device("cpu"), train_pids=list(range(2 * P)))
+    images, pids = _global_batch()
+    images = torch.nn.functional.interpolate(images, size=(128, 64)).contiguous(memory_format=torch.channels_last)
+    share = slice(rank * len(pids) // world_size, (rank + 1) * len(pids) // world_size)
+    losses = {}
+    for stage in (1, 3):
+        set_stage_modes(stage, nets)
+        losses[stage] = training_step(stage, images[share], pids[share], nets, config, torch.device("cpu"))
+    return {"losses": losses, "state": {k: v.detach().clone() for k, v in nets.train_model.state_dict().items()}}
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_train_in_step_in_bf16(tmp_path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_bf16_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    rank0, rank1 = _two_ranks(_train_bf16, tmp_path)
     for stage in (1, 3):
         assert rank0["losses"][stage].keys() == rank1["losses"][stage].keys()
         for name, value in rank0["losses"][stage].items():
