@@ -27,7 +27,9 @@ def _opt(default: Any, help: str, **metadata: Any) -> Any:
 class ModelConfig:
     backbone: str = _opt("resnet50", "extractor trunk: the paper's resnet50; resnet18, mobilenet_v2", choices=BACKBONES)
     feat_dim: int = _opt(512, "template size: 1x1 conv -> feat_dim + BN + ReLU on the pooled trunk output")
-    last_stride: int = _opt(2, "stride of a ResNet's last stage: 2 (torchvision, paper) or 1 (the field's trick)")
+    last_stride: int = _opt(
+        2, "stride of the trunk's last downsampling: 2 (torchvision, paper) or 1 (the field's trick: a 2x larger map)"
+    )
     unet_base_width: int = _opt(32, "U-Net level widths are base * 2**level: 32..512 in the paper")
     unet_levels: int = _opt(5, "U-Net resolution levels; input sides must be divisible by 2**(levels-1)")
     input_height: int = _opt(224, "network input height (paper: 224)")
@@ -88,6 +90,14 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model settings {unknown}; known settings are {sorted(known)}")
         return cls(**data)
+
+
+def as_written(config: ModelConfig, format_version: int) -> ModelConfig:
+    """The config of a file written in an older format, as its networks computed then: before format 2 a MobileNetV2
+    trunk kept its last stride 2 whatever ``last_stride`` said (the strong recipe wrote 1)."""
+    if format_version < 2 and config.backbone == "mobilenet_v2" and config.last_stride == 1:
+        return dataclasses.replace(config, last_stride=2)
+    return config
 
 
 _LATER_DEFAULTS = {"bnneck": False, "neck_feat": "before", "normalize": False, "flip_average": False}

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 TRUNK_CHANNELS = {"resnet50": 2048, "resnet18": 512, "mobilenet_v2": 1280}
 # Keys of torchvision's classifiers; dropped when loading a full ImageNet checkpoint.
 _CLASSIFIER_PREFIXES = ("fc.", "classifier.")
+MOBILENET_LAST_STRIDE_BLOCK = 14
 
 
 def _build_trunk(backbone: str, last_stride: int) -> nn.Module:
@@ -45,6 +46,10 @@ def _build_trunk(backbone: str, last_stride: int) -> nn.Module:
     if backbone == "mobilenet_v2":
         trunk = torchvision.models.mobilenet_v2(weights=None)
         del trunk.classifier
+        if last_stride == 1:
+            # The same trick for MobileNetV2: its last stride-2 layer is the depthwise conv of block 14 (the first
+            # of the 160-channel stage), so the map ends at 1/16 of the input instead of 1/32.
+            trunk.features[MOBILENET_LAST_STRIDE_BLOCK].conv[1][0].stride = (1, 1)
         return trunk
     raise ValueError(f"unknown backbone {backbone!r}; choose resnet50, resnet18 or mobilenet_v2")
 

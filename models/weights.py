@@ -21,12 +21,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from models.config import ModelConfig
+from models.config import ModelConfig, as_written
 from models.extractor import FeatureExtractor
 from models.unet import MaskGenerator
 
 FORMAT_NAME = "reid-gam-weights"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: MobileNetV2 honours last_stride (models.config.as_written reads 1)
 _EXTRACTOR = "extractor."
 _MASK = "mask_generator."
 
@@ -123,7 +123,7 @@ def _open(path: Path, tensors: bool) -> tuple[dict[str, torch.Tensor], ModelConf
             f"weights file {path} has format version {version}; this release reads up to {FORMAT_VERSION}"
         )
     try:
-        config = ModelConfig.from_dict(json.loads(metadata["config"]))
+        config = as_written(ModelConfig.from_dict(json.loads(metadata["config"])), version)
         provenance = json.loads(metadata.get("provenance", "{}"))
     except (KeyError, TypeError, json.JSONDecodeError, ValueError) as exc:
         raise WeightsError(f"weights file {path} has an invalid model config: {exc}") from exc

@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.config import as_written
+from training.config import TrainConfig
+
 
 def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -64,3 +67,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "config" not in state or "extractor" not in state:
         raise ValueError(f"checkpoint {path} is not a training checkpoint (no config or extractor)")
     return state
+
+
+def checkpoint_config(ckpt: dict[str, Any]) -> TrainConfig:
+    """A checkpoint's TrainConfig, its model as the checkpoint's networks computed it (checkpoints carry the weights
+    format's version from version 2 on; one without it is older)."""
+    config = TrainConfig.from_dict(ckpt["config"])
+    config.model = as_written(config.model, int(ckpt.get("format_version", 1)))
+    return config

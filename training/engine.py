@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import functools
 import json
 import logging
@@ -26,8 +27,9 @@ import torch
 from torch import nn
 
 from models import FeatureExtractor, MaskGenerator, hide_top
+from models.weights import FORMAT_VERSION
 from training import distributed
-from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.checkpoint import checkpoint_config, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import TrainConfig
 from training.evaluation import evaluate_features
 from training.losses import extractor_loss, id_loss, mask_loss, triplet_loss
@@ -438,6 +440,7 @@ def checkpoint_state(nets: Networks, config: TrainConfig, state: RunState) -> di
     """Tensors, numbers, strings, lists and dicts only, so ``torch.load(weights_only=True)`` reads it."""
     head = {k: v for k, v in nets.train_model.state_dict().items() if not k.startswith("extractor.")}
     return {
+        "format_version": FORMAT_VERSION,  # of the networks' meaning, as in a weights file
         "config": config.to_dict(),
         "stage": state.stage,
         "epoch": state.epoch,
@@ -454,8 +457,20 @@ def checkpoint_state(nets: Networks, config: TrainConfig, state: RunState) -> di
 
 
 def restore(path: Path, nets: Networks) -> RunState:
-    """Load a ``last.pt`` into the networks and optimisers; returns where the run stood."""
+    """Load a ``last.pt`` into the networks and optimisers; returns where the run stood. A checkpoint whose networks
+    were built otherwise (another input size, or a MobileNetV2 written before it honoured ``last_stride``) is
+    refused: its weights would load and compute something else."""
     ckpt = load_checkpoint(path)
+    written, wanted = checkpoint_config(ckpt).model, _unwrap(nets.extractor).config
+    if written != wanted:
+        differ = {
+            f.name: (getattr(written, f.name), getattr(wanted, f.name))
+            for f in dataclasses.fields(wanted)
+            if getattr(written, f.name) != getattr(wanted, f.name)
+        }
+        raise ValueError(
+            f"cannot resume from {path}: its networks were built with other settings (checkpoint, this run): {differ}"
+        )
     nets.extractor.load_state_dict(ckpt["extractor"])
     head = nets.train_model.state_dict()
     head.update({k: v for k, v in ckpt.get("classifier", {}).items()})

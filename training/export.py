@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from models import FeatureExtractor, MaskGenerator, ModelConfig, save_weights
-from training.checkpoint import load_checkpoint
+from training.checkpoint import checkpoint_config, load_checkpoint
 from training.config import TrainConfig
 from training.evaluation import calibrate_thresholds, pair_distances
 
@@ -37,7 +37,7 @@ def networks_from_run(
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint {path.name} in {run_dir}")
     ckpt = load_checkpoint(path)
-    config = TrainConfig.from_dict(ckpt["config"])
+    config = checkpoint_config(ckpt)
     model_config = config.model_config()
     extractor = FeatureExtractor(model_config)
     extractor.load_state_dict(ckpt["extractor"])
@@ -99,7 +99,7 @@ def export_weights(
         extractor, mask_generator, run_provenance = networks_from_run(source, which)
         provenance = {**run_provenance, **(provenance or {})}
         if calibrate:
-            config = TrainConfig.from_dict(load_checkpoint(Path(source) / f"{which}.pt")["config"])
+            config = checkpoint_config(load_checkpoint(Path(source) / f"{which}.pt"))
             if root is not None:
                 config = dataclasses.replace(config, root=str(root))
             query, gallery = val_loaders(config)

@@ -100,10 +100,12 @@ def test_small_backbones_give_feat_dim_and_every_parameter_learns(backbone: str)
     assert not no_grad
 
 
-def test_last_stride_1_doubles_the_last_feature_map():
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
+def test_last_stride_1_doubles_the_last_feature_map(backbone: str):
     x = torch.randn(1, 3, 64, 32)
-    default = build_extractor(ModelConfig(backbone="resnet18")).eval()
-    stride1 = build_extractor(ModelConfig(backbone="resnet18", last_stride=1)).eval()
+    default = build_extractor(ModelConfig(backbone=backbone)).eval()
+    stride1 = build_extractor(ModelConfig(backbone=backbone, last_stride=1)).eval()
+    assert default.state_dict().keys() == stride1.state_dict().keys()  # the same weights, computed otherwise
     with torch.no_grad():
         assert default.forward_features(x).shape[-2:] == (2, 1)
         assert stride1.forward_features(x).shape[-2:] == (4, 2)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -107,6 +108,23 @@ def test_newer_format_version_and_unknown_settings_are_refused(tmp_path: Path):
     save_file(tensors, str(path), metadata={**metadata, "config": json.dumps({"backbone": "resnet18", "depth": 3})})
     with pytest.raises(WeightsError, match=r"unknown model settings \['depth'\]"):
         load_weights(path)
+
+
+def test_mobilenet_weights_of_format_1_keep_the_last_stride_they_were_computed_with(tmp_path: Path):
+    """Format 1 built MobileNetV2 with its last stride 2 even where the config said 1 (the strong recipe's)."""
+    config = ModelConfig(backbone="mobilenet_v2", feat_dim=32, unet_base_width=4, last_stride=1)
+    path = save_weights(tmp_path / "w.safetensors", build_extractor(config))
+    assert load_weights(path).config.last_stride == 1
+    tensors, metadata = _read_raw(path)
+    save_file(tensors, str(path), metadata={**metadata, "format_version": "1"})
+    old = load_weights(path)
+    assert old.config.last_stride == 2 and read_metadata(path)[0].last_stride == 2
+    with torch.no_grad():
+        assert old.extractor.forward_features(torch.randn(1, 3, 64, 32)).shape[-2:] == (2, 1)
+    resnet = save_weights(tmp_path / "r.safetensors", build_extractor(dataclasses.replace(SMALL, last_stride=1)))
+    tensors, metadata = _read_raw(resnet)
+    save_file(tensors, str(resnet), metadata={**metadata, "format_version": "1"})
+    assert load_weights(resnet).config.last_stride == 1  # ResNets always honoured it
 
 
 def test_missing_weights_file(tmp_path: Path):

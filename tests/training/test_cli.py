@@ -133,6 +133,15 @@ def test_resume_continues_where_it_stopped(tmp_path) -> None:
     assert state_split.history[-1]["loss_mask"] == pytest.approx(state_whole.history[-1]["loss_mask"], rel=1e-5)
 
 
+def test_resume_with_networks_built_otherwise_is_refused(tmp_path) -> None:
+    """The weights would load (a last stride changes no shape) but compute something else."""
+    first = TrainConfig(**{**SMALL, "epochs": (1, 0, 0), "eval_every": 0}, stages=(1,))
+    fit(first, _loaders(first), out=tmp_path)
+    other = dataclasses.replace(first, model=dataclasses.replace(first.model, last_stride=1), epochs=(2, 0, 0))
+    with pytest.raises(ValueError, match=r"cannot resume .*'last_stride': \(2, 1\)"):
+        fit(other, _loaders(other), out=tmp_path, resume=True)
+
+
 def test_resume_without_a_checkpoint_is_refused(tmp_path) -> None:
     config = TrainConfig(**SMALL)
     with pytest.raises(FileNotFoundError, match=r"last\.pt"):

@@ -119,3 +119,18 @@ def test_a_run_stopped_after_stage_1_exports_no_mask_generator(tmp_path) -> None
     save_checkpoint(tmp_path / "last.pt", {**state, "stage": 1, "epoch": 4, "mask_generator": generator.state_dict()})
     _, _, has_mask = read_metadata(export_weights(tmp_path, tmp_path / "model.safetensors", calibrate=False))
     assert not has_mask
+
+
+def test_a_mobilenet_checkpoint_from_before_format_2_exports_with_the_stride_it_trained_with(tmp_path) -> None:
+    """Before format 2 MobileNetV2 kept its last stride 2 whatever the config said (the strong recipe wrote 1);
+    such a checkpoint carries no format_version."""
+    written = dataclasses.replace(SMALL, backbone="mobilenet_v2", last_stride=1)
+    trained = dataclasses.replace(written, last_stride=2)
+    extractor, generator = _trained_like(trained)
+    state = {"config": TrainConfig(model=written).to_dict(), "history": [], "extractor": extractor.state_dict()}
+    save_checkpoint(tmp_path / "last.pt", {**state, "stage": 3, "epoch": 1, "mask_generator": generator.state_dict()})
+    loaded = load_weights(export_weights(tmp_path, tmp_path / "model.safetensors", calibrate=False))
+    assert loaded.config == trained
+    images = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.extractor(images), extractor(images), atol=1e-6)
