@@ -132,7 +132,7 @@ def build_loaders(config: TrainConfig, rank: int = 0, world_size: int = 1):
     from training.engine import Loaders
     from training.export import val_loaders
     from training.samplers import RandomIdentitySampler
-    from training.transforms import build_train_transform
+    from training.transforms import build_train_transform, split_train_transform
 
     dataset = build_dataset(config.dataset, config.root, **config.dataset_kwargs)
     model_config = config.model_config()
@@ -145,8 +145,13 @@ def build_loaders(config: TrainConfig, rank: int = 0, world_size: int = 1):
         world_size=world_size,
         max_batches=config.epoch_batches,
     )
+    if config.cache_images:
+        prepare, augment = split_train_transform(model_config, erasing_p=config.random_erasing)
+        train_set = ImageDataset(dataset.train, augment, prepare)
+    else:
+        train_set = ImageDataset(dataset.train, build_train_transform(model_config, erasing_p=config.random_erasing))
     train = torch.utils.data.DataLoader(
-        ImageDataset(dataset.train, build_train_transform(model_config, erasing_p=config.random_erasing)),
+        train_set,
         batch_size=config.p * config.k,
         sampler=sampler,
         drop_last=True,

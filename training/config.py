@@ -76,6 +76,9 @@ class TrainConfig:
     amp: str = _opt("none", "mixed precision: bf16 (CUDA or CPU) or fp16 (CUDA)", choices=AMP_MODES)
     channels_last: bool = _opt(False, "channels_last memory format")
     workers: int = _opt(4, "data loader processes")
+    cache_images: bool = _opt(
+        False, "keep each training image decoded and resized in memory (3 x its resized H x W bytes, per worker)"
+    )
     seed: int = _opt(0, "random seed")
     dataset_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "reader options (query_camid)"})
 

@@ -36,16 +36,24 @@ def build_train_transform(
 ) -> Callable[[Image.Image], torch.Tensor]:
     """PIL RGB image -> (3, H, W) float tensor: resize, random crop to ``config.input_size``, flip, normalise, and
     with probability ``erasing_p`` one random rectangle set to 0 (the mean pixel, after the normalisation)."""
+    prepare, augment = split_train_transform(config, resize, flip_p, erasing_p)
+    return v2.Compose([*prepare.transforms, *augment.transforms])
+
+
+def split_train_transform(
+    config: ModelConfig, resize: tuple[int, int] | None = None, flip_p: float = 0.5, erasing_p: float = 0.0
+) -> tuple[v2.Compose, v2.Compose]:
+    """``build_train_transform`` in two parts: the deterministic one (PIL image -> resized uint8 tensor), which a
+    dataset may do once per image and keep, and the random one (crop, flip, normalise, erase), run every time."""
     resize = train_resize(config.input_size) if resize is None else tuple(resize)
     if resize[0] < config.input_height or resize[1] < config.input_width:
         raise ValueError(f"resize {resize} must be at least the input size {config.input_size} to crop from")
     if not 0.0 <= flip_p <= 1.0 or not 0.0 <= erasing_p <= 1.0:
         raise ValueError(f"flip_p and erasing_p must be in [0, 1], got {flip_p}, {erasing_p}")
     erasing = [v2.RandomErasing(p=erasing_p, scale=ERASING_SCALE, ratio=ERASING_RATIO, value=0)] if erasing_p else []
-    return v2.Compose(
+    prepare = v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True)])
+    augment = v2.Compose(
         [
-            v2.ToImage(),
-            v2.Resize(resize, antialias=True),
             v2.RandomCrop(config.input_size),
             v2.RandomHorizontalFlip(p=flip_p),
             v2.ToDtype(torch.float32, scale=True),
@@ -53,6 +61,7 @@ def build_train_transform(
             *erasing,
         ]
     )
+    return prepare, augment
 
 
 __all__ = [
@@ -61,5 +70,6 @@ __all__ = [
     "PAPER_RESIZE_RATIO",
     "build_eval_transform",
     "build_train_transform",
+    "split_train_transform",
     "train_resize",
 ]

@@ -10,7 +10,7 @@ from PIL import Image
 
 from models import ModelConfig
 from training.data import ImageDataset, Sample
-from training.transforms import build_eval_transform, build_train_transform
+from training.transforms import build_eval_transform, build_train_transform, split_train_transform
 
 
 def test_reads_rgb_jpg_and_greyscale_png_files(tmp_path: Path) -> None:
@@ -36,3 +36,24 @@ def test_reads_rgb_jpg_and_greyscale_png_files(tmp_path: Path) -> None:
     images, pids, camids, indices = next(iter(loader))
     assert camids.tolist() == [1, 0, 2]
     assert images.shape == (3, 3, 64, 32) and pids.tolist() == [3, 4, 5] and indices.tolist() == [0, 1, 2]
+
+
+def test_prepared_images_are_kept_and_give_the_same_crops_as_the_whole_transform(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    samples = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (90, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.jpg")
+        samples.append(Sample(tmp_path / f"{i}.jpg", i, 0))
+    config = ModelConfig(backbone="resnet18", input_height=64, input_width=32)
+    whole = ImageDataset(samples, build_train_transform(config, erasing_p=0.5))
+    prepare, augment = split_train_transform(config, erasing_p=0.5)
+    calls = []
+    cached = ImageDataset(samples, augment, lambda image: calls.append(1) or prepare(image))
+    for epoch in range(3):  # the same random draws give the same crops, flips and erased boxes
+        torch.manual_seed(epoch)
+        expected = [whole[i][0] for i in range(4)]
+        torch.manual_seed(epoch)
+        got = [cached[i][0] for i in range(4)]
+        assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    assert len(calls) == 4  # each file decoded and resized once, not once an epoch
+    assert cached._prepared[0].dtype == torch.uint8 and cached._prepared[0].shape == (3, 67, 33)
