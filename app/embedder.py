@@ -184,6 +184,7 @@ class Embedder:
             read_metadata(settings.weights)  # fails fast, with the file named, before any tensor
             model = load_weights(settings.weights, device)
             embedder = cls(model.config, model.extractor, model.mask_generator, device, model.provenance, True)
+            embedder.fingerprint = model.fingerprint
         else:
             config = ModelConfig(backbone=settings.backbone)
             extractor = build_extractor(config, settings.pretrained).to(device).eval()
@@ -194,7 +195,7 @@ class Embedder:
                 source,
             )
             embedder = cls(config, extractor, None, device, {"source": source}, False)
-        embedder.fingerprint = extractor_fingerprint(embedder.config, embedder.extractor.state_dict())
+            embedder.fingerprint = extractor_fingerprint(config, extractor.state_dict())
         embedder.batch_max_size = settings.batch_max_size
         embedder.batch_max_wait_ms = settings.batch_max_wait_ms
         embedder.batch_max_queued = settings.batch_queue_size

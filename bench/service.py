@@ -48,7 +48,7 @@ from bench.common import (
     setup,
     time_call,
 )
-from models import ModelConfig, build_eval_transform, build_extractor, extractor_fingerprint, load_weights, save_weights
+from models import ModelConfig, build_eval_transform, build_extractor, load_weights, save_weights
 
 logger = logging.getLogger("bench.service")
 
@@ -183,7 +183,7 @@ class Bare:
         self.device = pick_device(device)  # the service's own choice of device
         model = load_weights(weights, self.device)
         self.model = model
-        self.fingerprint = extractor_fingerprint(model.config, model.extractor.state_dict())
+        self.fingerprint = model.fingerprint
         self.cache_dir = cache_dir
         self.backend: Backend = load_backend(
             backend, model.extractor, "extractor", model.config, self.fingerprint, cache_dir

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from models.config import ModelConfig, as_written
 from models.extractor import FeatureExtractor
+from models.fingerprint import extractor_fingerprint
 from models.unet import MaskGenerator
 
 FORMAT_NAME = "reid-gam-weights"
@@ -43,6 +44,13 @@ class ReidModel:
     extractor: FeatureExtractor
     mask_generator: MaskGenerator | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    written_config: ModelConfig | None = None  # the file's own words, where an older format's differ from ``config``
+
+    @property
+    def fingerprint(self) -> str:
+        """The template space's identity (``models.extractor_fingerprint``), over the config as the file writes it:
+        a file of an older format keeps the fingerprint its gallery was enrolled under."""
+        return extractor_fingerprint(self.written_config or self.config, self.extractor.state_dict())
 
 
 def save_weights(
@@ -79,14 +87,15 @@ def save_weights(
 def read_metadata(path: str | Path) -> tuple[ModelConfig, dict[str, Any], bool]:
     """(config, provenance, has_mask_generator) without loading any tensor."""
     path = Path(path)
-    _, config, provenance, has_mask = _open(path, tensors=False)
-    return config, provenance, has_mask
+    _, written, version, provenance, has_mask = _open(path, tensors=False)
+    return as_written(written, version), provenance, has_mask
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> ReidModel:
     """Build the networks a weights file describes and load its tensors, strictly."""
     path = Path(path)
-    tensors, config, provenance, has_mask = _open(path, tensors=True)
+    tensors, written, version, provenance, has_mask = _open(path, tensors=True)
+    config = as_written(written, version)
     extractor = FeatureExtractor(config)
     _load_into(path, extractor, "extractor", _strip(tensors, _EXTRACTOR))
     mask_generator = None
@@ -99,10 +108,11 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> ReidMo
     extractor.to(device).eval()
     if mask_generator is not None:
         mask_generator.to(device).eval()
-    return ReidModel(config, extractor, mask_generator, provenance)
+    return ReidModel(config, extractor, mask_generator, provenance, written if written != config else None)
 
 
-def _open(path: Path, tensors: bool) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, Any], bool]:
+def _open(path: Path, tensors: bool) -> tuple[dict[str, torch.Tensor], ModelConfig, int, dict[str, Any], bool]:
+    """(tensors, the config as written, the format version, provenance, has_mask_generator)."""
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     try:
@@ -123,13 +133,13 @@ def _open(path: Path, tensors: bool) -> tuple[dict[str, torch.Tensor], ModelConf
             f"weights file {path} has format version {version}; this release reads up to {FORMAT_VERSION}"
         )
     try:
-        config = as_written(ModelConfig.from_dict(json.loads(metadata["config"])), version)
+        config = ModelConfig.from_dict(json.loads(metadata["config"]))
         provenance = json.loads(metadata.get("provenance", "{}"))
     except (KeyError, TypeError, json.JSONDecodeError, ValueError) as exc:
         raise WeightsError(f"weights file {path} has an invalid model config: {exc}") from exc
     if not any(k.startswith(_EXTRACTOR) for k in keys):
         raise WeightsError(f"weights file {path} holds no extractor tensors")
-    return state, config, provenance, any(k.startswith(_MASK) for k in keys)
+    return state, config, version, provenance, any(k.startswith(_MASK) for k in keys)
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from models import (
     WeightsError,
     build_extractor,
     build_mask_generator,
+    extractor_fingerprint,
     load_weights,
     read_metadata,
     save_weights,
@@ -119,6 +120,9 @@ def test_mobilenet_weights_of_format_1_keep_the_last_stride_they_were_computed_w
     save_file(tensors, str(path), metadata={**metadata, "format_version": "1"})
     old = load_weights(path)
     assert old.config.last_stride == 2 and read_metadata(path)[0].last_stride == 2
+    # Its fingerprint is still the one a gallery enrolled under it recorded: over the config as the file writes it.
+    assert old.fingerprint == extractor_fingerprint(config, old.extractor.state_dict())
+    assert old.fingerprint != extractor_fingerprint(old.config, old.extractor.state_dict())
     with torch.no_grad():
         assert old.extractor.forward_features(torch.randn(1, 3, 64, 32)).shape[-2:] == (2, 1)
     resnet = save_weights(tmp_path / "r.safetensors", build_extractor(dataclasses.replace(SMALL, last_stride=1)))
