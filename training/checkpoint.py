@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from models.config import as_written
+from models.weights import FORMAT_VERSION
 from training.config import TrainConfig
 
 
@@ -72,6 +73,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def checkpoint_config(ckpt: dict[str, Any]) -> TrainConfig:
     """A checkpoint's TrainConfig, its model as the checkpoint's networks computed it (checkpoints carry the weights
     format's version from version 2 on; one without it is older)."""
+    version = int(ckpt.get("format_version", 1))
+    if version > FORMAT_VERSION:
+        raise ValueError(f"checkpoint of format version {version}; this release reads up to {FORMAT_VERSION}")
     config = TrainConfig.from_dict(ckpt["config"])
-    config.model = as_written(config.model, int(ckpt.get("format_version", 1)))
+    config.model = as_written(config.model, version)
     return config

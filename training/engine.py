@@ -280,7 +280,7 @@ def _unwrap(module: nn.Module) -> Any:
 
 def extractor_epochs(config: TrainConfig) -> int:
     """The epochs the extractor trains, stage 1's and stage 3's, over which its lr schedule runs. All three
-    stage lengths count whatever ``stages`` this invocation runs, so rows that fork after stage 1 share it."""
+    stage lengths count whatever ``stages`` this invocation runs, so a run continued after stage 1 keeps its curve."""
     return config.epochs[0] + config.epochs[2]
 
 
@@ -456,20 +456,27 @@ def checkpoint_state(nets: Networks, config: TrainConfig, state: RunState) -> di
     }
 
 
+# ModelConfig settings that change only what is served or how stage 3 hides pixels, not what the weights compute:
+# a resumed run may change them.
+SERVING_ONLY = frozenset({"neck_feat", "normalize", "flip_average", "mask_ratio"})
+
+
 def restore(path: Path, nets: Networks) -> RunState:
     """Load a ``last.pt`` into the networks and optimisers; returns where the run stood. A checkpoint whose networks
     were built otherwise (another input size, or a MobileNetV2 written before it honoured ``last_stride``) is
     refused: its weights would load and compute something else."""
     ckpt = load_checkpoint(path)
     written, wanted = checkpoint_config(ckpt).model, _unwrap(nets.extractor).config
-    if written != wanted:
-        differ = {
-            f.name: (getattr(written, f.name), getattr(wanted, f.name))
-            for f in dataclasses.fields(wanted)
-            if getattr(written, f.name) != getattr(wanted, f.name)
-        }
+    differ = {
+        f.name: (getattr(written, f.name), getattr(wanted, f.name))
+        for f in dataclasses.fields(wanted)
+        if f.name not in SERVING_ONLY and getattr(written, f.name) != getattr(wanted, f.name)
+    }
+    if differ:
         raise ValueError(
-            f"cannot resume from {path}: its networks were built with other settings (checkpoint, this run): {differ}"
+            f"cannot resume from {path}: its networks were built with other settings (checkpoint, this run): {differ}; "
+            "resume with the checkpoint's settings (a MobileNetV2 checkpoint from before weights format 2 computed "
+            "last stride 2, whatever its config.json says)"
         )
     nets.extractor.load_state_dict(ckpt["extractor"])
     head = nets.train_model.state_dict()
@@ -565,13 +572,13 @@ def fit(
     state = RunState(stage=config.stages[0])
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        if is_main:
-            (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         if resume:
             if not (out / "last.pt").is_file():
                 raise FileNotFoundError(f"cannot resume: {out / 'last.pt'} does not exist")
             state = restore(out / "last.pt", nets)
             logger.info("resumed at stage %d after epoch %d", state.stage, state.epoch)
+        if is_main:  # after a refused resume the run's config.json still describes its checkpoints
+            (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     for stage in config.stages:
         if stage < state.stage:
             continue

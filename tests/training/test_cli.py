@@ -140,6 +140,10 @@ def test_resume_with_networks_built_otherwise_is_refused(tmp_path) -> None:
     other = dataclasses.replace(first, model=dataclasses.replace(first.model, last_stride=1), epochs=(2, 0, 0))
     with pytest.raises(ValueError, match=r"cannot resume .*'last_stride': \(2, 1\)"):
         fit(other, _loaders(other), out=tmp_path, resume=True)
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["last_stride"] == 2  # still the checkpoint's
+    served = dataclasses.replace(first, model=dataclasses.replace(first.model, normalize=True), epochs=(2, 0, 0))
+    _, state = fit(served, _loaders(served), out=tmp_path, resume=True)  # serving settings may change
+    assert [r["epoch"] for r in state.history] == [1, 2]
 
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path) -> None:

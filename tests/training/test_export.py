@@ -134,3 +134,11 @@ def test_a_mobilenet_checkpoint_from_before_format_2_exports_with_the_stride_it_
     images = torch.randn(2, 3, 64, 32)
     with torch.no_grad():
         assert torch.allclose(loaded.extractor(images), extractor(images), atol=1e-6)
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path) -> None:
+    extractor, _ = _trained_like(SMALL)
+    state = {"config": TrainConfig(model=SMALL).to_dict(), "history": [], "extractor": extractor.state_dict()}
+    save_checkpoint(tmp_path / "last.pt", {**state, "format_version": 99, "stage": 1, "epoch": 1})
+    with pytest.raises(ValueError, match="format version 99"):
+        export_weights(tmp_path, tmp_path / "model.safetensors", calibrate=False)
