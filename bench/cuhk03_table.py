@@ -27,9 +27,11 @@ writes ``docs/RESULTS.md`` (``--results``), and in ``--out`` the runs, the expor
 Run one torch process at a time on a 2-core machine: two at once run ten times slower. The defaults (160x80, the
 first 7 trunk blocks frozen, epochs of 27 batches, E1+E2+E3 = 32+2+2, channels_last training steps, in bf16
 autocast where the CPU has AVX-512 BF16 or AMX) were chosen from timed probes (docs/TRAINING.md, "Choosing the
-CPU budget"). Measured in the 3-seed table on a 2-core Xeon with AMX: the paper and masks rows trained for 7.4-7.8
-minutes, the strong row 5.4-5.5, the whole table 53. ``--served-features RUN`` only compares the four served
-templates of a BNNeck run (before / after the BNNeck, raw / L2-normalised).
+CPU budget"). Measured in the 3-seed table on a 2-core Xeon with AMX: the paper row trained for 6.7 minutes, the
+strong row 7.2 and the masks row 7.8 (means), the whole table took 72. A seed sets the initial weights and the
+augmentation's draws; the P x K batch order is the same in every seed (the loaders are built once, with the sampler's
+seed 0). ``--served-features RUN`` only compares the four served templates of a BNNeck run (before / after the
+BNNeck, raw / L2-normalised).
 """
 
 from __future__ import annotations
@@ -83,6 +85,14 @@ class Budget:
     stage2: int  # E2
     stage3: int  # E3
     strong: int  # ES: the strong row's epochs (stage 1 only)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, int]) -> Budget:
+        if "strong" not in data:
+            raise ValueError(
+                "this results.json comes from a table whose strong row forked from the masks row; rerun the table"
+            )
+        return cls(**data)
 
 
 def build_table_loaders(base: TrainConfig, train_ids: int) -> tuple[TrainConfig, Loaders]:
@@ -282,7 +292,7 @@ def _precision(config: dict[str, Any]) -> str:
 
 def render(results: dict[str, Any]) -> str:
     """docs/RESULTS.md from the collected results (all figures measured by this run)."""
-    args, seeds, budget = results["args"], results["seeds"], Budget(**results["budget"])
+    args, seeds, budget = results["args"], results["seeds"], Budget.from_dict(results["budget"])
     e1, e2, e3 = budget.stage1, budget.stage2, budget.stage3
 
     def column(row: str, key: str, prefix: str = "") -> list[float]:
@@ -513,7 +523,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         if not Path(path).exists():
             raise FileNotFoundError(f"{what} {path} does not exist")
     h, w = (int(v) for v in args.input_size.lower().split("x"))
-    budget = Budget(*(int(v) for v in args.epochs.split(",")), args.strong_epochs)
+    epochs = args.epochs.split(",")
+    if len(epochs) != 3 or not all(v.strip().isdigit() for v in epochs):
+        raise ValueError(f"--epochs takes three whole numbers E1,E2,E3, got {args.epochs!r}")
+    budget = Budget(*(int(v) for v in epochs), args.strong_epochs)
     out.mkdir(parents=True, exist_ok=True)
     model = {"backbone": args.backbone, "input_height": h, "input_width": w, "unet_base_width": args.unet_width}
     common = dict(

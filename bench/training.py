@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", default="none", choices=AMP_MODES, help="bf16 (CUDA or CPU) or fp16 (CUDA)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last networks and batches")
     parser.add_argument("--freeze-blocks", type=int, default=0, help="leading trunk blocks frozen (no backward)")
+    parser.add_argument("--last-stride", type=int, default=2, choices=(1, 2), help="the trunk's last stride (paper: 2)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     add_common_args(parser)
     return parser
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 input_width=width,
                 unet_base_width=args.unet_width,
                 unet_levels=args.unet_levels,
+                last_stride=args.last_stride,
             ),
             p=p,
             k=k,
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     table.notes += [
         f"{args.backbone} extractor and U-Net (base {args.unet_width}) at {height}x{width}, P x K = {p} x {k} = "
         f"{p * k} images a step, amp {args.amp}, channels_last {args.channels_last}, {args.freeze_blocks} trunk "
-        f"blocks frozen, on {device}; random initial "
+        f"blocks frozen, last stride {args.last_stride}, on {device}; random initial "
         "weights, Adam; synthetic 128x64 JPEGs.",
         f"{rounds} rounds of {steps} steps from the loader then {steps} from memory; x in memory: median over rounds "
         "of the in-memory step time / the loader's (1 = loading keeps up; below 1 it starves the networks). "
