@@ -66,4 +66,5 @@ def test_strong_recipe_on_real_crops_beats_the_imagenet_floor_and_the_service_ag
     check = service_check(weights, base)
     assert (check["queries"], check["gallery"]) == (451, 487)
     assert check["same_rank1_identity"] == check["queries"]
-    assert check["offline_rank1"] == pytest.approx(final["rank1"], abs=1e-6)
+    # The same queries right: one query is 0.22 points, and training's figures are float32 (about 2e-6 off here).
+    assert check["offline_rank1"] == pytest.approx(final["rank1"], abs=1e-3)
