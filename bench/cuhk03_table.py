@@ -480,6 +480,7 @@ def finish(results: dict[str, Any], out: Path) -> dict[str, Any]:
     """Export the best strong-recipe run's final weights with thresholds, check them in the service, draw figure 1."""
     if not results.get("seeds") or "started" not in results:
         raise ValueError(f"{out / 'results.json'} holds no finished seed or no start time: nothing to finish")
+    Budget.from_dict(results["budget"])  # before minutes of work: render needs it
     base = TrainConfig.from_dict(results["config"])
     seeds = results["seeds"]
     best = max(
