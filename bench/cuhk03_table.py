@@ -161,7 +161,7 @@ def train_seed(
     }
     rows: dict[str, dict[str, Any]] = {}
     for row, config in configs.items():
-        state, seconds = _timed_fit(config, loaders["strong" if row != "paper" else "paper"], runs[row])
+        state, seconds = _timed_fit(config, loaders["paper" if row == "paper" else "strong"], runs[row])
         rows[row] = {"figures": final_figures(state.history), "seconds": seconds}
     for row, run in runs.items():
         rows[row].update(run=str(run), tmr=_tmr(run, loaders["strong"]))

@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 from sqlalchemy import func, select
 
 from app import admin
@@ -24,6 +22,7 @@ from app.main import create_app
 from app.reembed import reembed
 from models import ModelConfig, build_extractor, extractor_fingerprint, load_weights, save_weights
 from tests.app.conftest import png_bytes
+from tests.models.test_weights import as_format
 
 
 def _fingerprint(settings: Settings) -> tuple[Embedder, str]:
@@ -134,10 +133,7 @@ def test_a_gallery_enrolled_under_format_1_mobilenet_weights_still_starts(settin
     """Format 1 wrote the strong recipe's last_stride 1 for a MobileNetV2 that computed stride 2. Read now as the
     stride 2 it computed, the file keeps the fingerprint the earlier release recorded for its gallery."""
     written = ModelConfig(backbone="mobilenet_v2", feat_dim=32, input_height=64, input_width=32, last_stride=1)
-    path = save_weights(tmp_path / "old.safetensors", build_extractor(written).eval())
-    with safe_open(str(path), framework="pt") as f:
-        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118 (not a dict)
-    save_file(tensors, str(path), metadata={**metadata, "format_version": "1"})
+    path = as_format(save_weights(tmp_path / "old.safetensors", build_extractor(written).eval()), 1)
     model = load_weights(path)
     assert model.config.last_stride == 2
     recorded = extractor_fingerprint(written, model.extractor.state_dict())  # what the earlier release computed

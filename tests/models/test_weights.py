@@ -39,6 +39,13 @@ def _read_raw(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118 (not a dict)
 
 
+def as_format(path: Path, version: int) -> Path:
+    """Rewrite a weights file as written by a release of format ``version``: its tensors and config unchanged."""
+    tensors, metadata = _read_raw(path)
+    save_file(tensors, str(path), metadata={**metadata, "format_version": str(version)})
+    return path
+
+
 def test_weights_round_trip_bit_exactly_with_config_and_provenance(tmp_path: Path):
     extractor = _trained_like(build_extractor(SMALL))
     generator = _trained_like(build_mask_generator(SMALL))
@@ -116,9 +123,7 @@ def test_mobilenet_weights_of_format_1_keep_the_last_stride_they_were_computed_w
     config = ModelConfig(backbone="mobilenet_v2", feat_dim=32, unet_base_width=4, last_stride=1)
     path = save_weights(tmp_path / "w.safetensors", build_extractor(config))
     assert load_weights(path).config.last_stride == 1
-    tensors, metadata = _read_raw(path)
-    save_file(tensors, str(path), metadata={**metadata, "format_version": "1"})
-    old = load_weights(path)
+    old = load_weights(as_format(path, 1))
     assert old.config.last_stride == 2 and read_metadata(path)[0].last_stride == 2
     # Its fingerprint is still the one a gallery enrolled under it recorded: over the config as the file writes it.
     assert old.fingerprint == extractor_fingerprint(config, old.extractor.state_dict())
@@ -126,9 +131,7 @@ def test_mobilenet_weights_of_format_1_keep_the_last_stride_they_were_computed_w
     with torch.no_grad():
         assert old.extractor.forward_features(torch.randn(1, 3, 64, 32)).shape[-2:] == (2, 1)
     resnet = save_weights(tmp_path / "r.safetensors", build_extractor(dataclasses.replace(SMALL, last_stride=1)))
-    tensors, metadata = _read_raw(resnet)
-    save_file(tensors, str(resnet), metadata={**metadata, "format_version": "1"})
-    assert load_weights(resnet).config.last_stride == 1  # ResNets always honoured it
+    assert load_weights(as_format(resnet, 1)).config.last_stride == 1  # ResNets always honoured it
 
 
 def test_missing_weights_file(tmp_path: Path):
