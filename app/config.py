@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.backends.base import BACKENDS, KINDS
 from models import BACKBONES
 
 
@@ -21,7 +22,23 @@ class Settings(BaseSettings):
     backbone: str = Field("resnet50", description="backbone built when no weights file is set")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     backend: str = Field(
-        "auto", description="auto | torch | onnxruntime; auto: ONNX Runtime on a CPU, PyTorch autocast on CUDA"
+        "auto",
+        description=f"{' | '.join(BACKENDS)}; auto: on a CPU the fastest of backend_candidates that passes the "
+        "parity check, timed at start-up; on CUDA, PyTorch autocast",
+    )
+    backend_candidates: str = Field(
+        ",".join(k for k in KINDS if k != "torch"),
+        description="what auto times on a CPU, comma-separated (fp32 PyTorch is its fallback, never a candidate)",
+    )
+    parity_min_cosine_reduced: float = Field(
+        0.99, gt=0, le=1, description="bf16 and INT8 backends: each check template's least cosine with fp32 PyTorch"
+    )
+    parity_min_nn_agreement: float = Field(
+        0.99, gt=0, le=1, description="every backend: least share of check crops whose nearest neighbour is unchanged"
+    )
+    calibration_dir: Path | None = Field(
+        None,
+        description="crops for INT8 calibration and the backends' parity check; default: the gallery's stored crops",
     )
     cuda_dtype: str = Field(
         "auto", description="CUDA autocast of the torch backend: auto (bf16 where supported) | bf16 | fp16 | fp32"
@@ -79,8 +96,16 @@ class Settings(BaseSettings):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
-        if value not in ("auto", "torch", "onnxruntime"):
-            raise ValueError(f"unknown backend {value!r}; choose auto, torch or onnxruntime")
+        if value not in BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; choose {', '.join(BACKENDS)}")
+        return value
+
+    @field_validator("backend_candidates")
+    @classmethod
+    def _known_candidates(cls, value: str) -> str:
+        unknown = [v.strip() for v in value.split(",") if v.strip() and v.strip() not in KINDS]
+        if unknown:
+            raise ValueError(f"unknown backend {unknown[0]!r} in backend_candidates; choose among {', '.join(KINDS)}")
         return value
 
     @field_validator("cuda_dtype")
@@ -97,6 +122,10 @@ class Settings(BaseSettings):
         if not all(p.isdigit() and int(p) > 0 for p in parts):
             raise ValueError(f"cuda_graph_batches must be positive integers separated by commas, got {value!r}")
         return value
+
+    @property
+    def backend_candidate_list(self) -> list[str]:
+        return [v.strip() for v in self.backend_candidates.split(",") if v.strip()]
 
     @property
     def cuda_graph_batch_list(self) -> list[int]:

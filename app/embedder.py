@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from app.backends import Backend, TorchBackend, load_backend
+from app.backends import Backend, ReferenceCrops, Selection, TorchBackend, reference_crops, select_backend
 from app.config import Settings
 from models import (
     ModelConfig,
@@ -169,6 +169,7 @@ class Embedder:
     fingerprint: str = ""  # models.extractor_fingerprint of the extractor: the template space's identity
     backend: Backend | None = None  # what serves the extractor; None until load_backends()
     mask_backend: Backend | None = None
+    selections: dict[str, Selection] = field(default_factory=dict)  # role -> how its backend was chosen
     batch_max_size: int = 32
     batch_max_wait_ms: float = 5.0
     batch_max_queued: int = 256
@@ -200,22 +201,48 @@ class Embedder:
         embedder.batch_max_wait_ms = settings.batch_max_wait_ms
         embedder.batch_max_queued = settings.batch_queue_size
         embedder.load_backends(
-            settings.backend, settings.data_dir / "onnx", settings.cuda_dtype, settings.cuda_graph_batch_list
+            settings.backend,
+            settings.data_dir / "onnx",
+            settings.cuda_dtype,
+            settings.cuda_graph_batch_list,
+            crops_dir=settings.calibration_dir or settings.data_dir / "crops",
+            candidates=settings.backend_candidate_list,
+            min_cosine_reduced=settings.parity_min_cosine_reduced,
+            min_nn_agreement=settings.parity_min_nn_agreement,
         )
         return embedder
 
-    def load_backends(self, kind: str, cache_dir: Path, dtype: str = "auto", graph_batches: Sequence[int] = ()) -> None:
-        """Choose and check the backends of both networks (raises BackendError when a named one is refused)."""
-        self.backend = load_backend(
-            kind, self.extractor, "extractor", self.config, self.fingerprint, cache_dir, dtype=dtype,
-            graph_batches=graph_batches,
-        )  # fmt: skip
+    def load_backends(
+        self,
+        kind: str,
+        cache_dir: Path,
+        dtype: str = "auto",
+        graph_batches: Sequence[int] = (),
+        crops_dir: Path | None = None,
+        candidates: Sequence[str] | None = None,
+        **bars: float,
+    ) -> None:
+        """Choose and check the backends of both networks (raises BackendError when a named one is refused).
+        ``crops_dir``'s crops are the parity check's set and INT8's calibration (``app.backends.crops``); ``bars``:
+        ``min_cosine_reduced`` and ``min_nn_agreement`` of ``select_backend``."""
+        crops: ReferenceCrops | None = None
+        if kind != "torch" or self.device.type == "cuda":  # the CPU reference alone needs no check
+            crops = reference_crops(crops_dir, self.config)
+            logger.info("backend check set: %s", crops.source if crops else "no real crops (the noise batch)")
+        options: dict[str, Any] = {"crops": crops, "dtype": dtype, "graph_batches": graph_batches, **bars}
+        if candidates is not None:
+            options["candidates"] = candidates
+        networks = {"extractor": (self.extractor, self.fingerprint)}
         if self.mask_generator is not None:
-            mask_fingerprint = extractor_fingerprint(self.config, self.mask_generator.state_dict())
-            self.mask_backend = load_backend(
-                kind, self.mask_generator, "mask_generator", self.config, mask_fingerprint, cache_dir, dtype=dtype,
-                graph_batches=graph_batches,
-            )  # fmt: skip
+            networks["mask_generator"] = (
+                self.mask_generator,
+                extractor_fingerprint(self.config, self.mask_generator.state_dict()),
+            )
+        for role, (module, fingerprint) in networks.items():
+            self.selections[role] = select_backend(kind, module, role, self.config, fingerprint, cache_dir, **options)
+        self.backend = self.selections["extractor"].backend
+        if "mask_generator" in self.selections:
+            self.mask_backend = self.selections["mask_generator"].backend
 
     @property
     def feat_dim(self) -> int:

@@ -86,6 +86,29 @@ class DeleteResult(BaseModel):
     deleted: int = Field(description="number of entries deleted", examples=[1])
 
 
+class BackendParity(BaseModel):
+    ok: bool = Field(description="whether the backend clears both bars (a served backend always does)")
+    min_cosine: float = Field(description="smallest cosine of an output with fp32 PyTorch's on the check set")
+    required_cosine: float = Field(
+        description="the bar: 0.999 for fp32 backends, REID_PARITY_MIN_COSINE_REDUCED (0.99) for bf16 and INT8"
+    )
+    nn_agreement: float | None = Field(
+        None, description="share of check crops whose nearest neighbour is unchanged (templates on real crops only)"
+    )
+    required_nn_agreement: float | None = Field(None, description="the bar: REID_PARITY_MIN_NN_AGREEMENT")
+    check_set: str = Field(description="what the check ran on", examples=["128 crops of /data/crops"])
+
+
+class BackendStatus(BaseModel):
+    name: str = Field(description="what runs the network", examples=["openvino CPU int8 (NNCF)"])
+    kind: str = Field(description="its REID_BACKEND value", examples=["openvino-int8"])
+    parity: BackendParity | None = Field(None, description="null: the fp32 PyTorch reference itself")
+    auto_timings_ms: dict[str, float] = Field(
+        default_factory=dict, description="under auto: each candidate that passed, ms per crop at batch 1"
+    )
+    refused: dict[str, str] = Field(default_factory=dict, description="under auto: candidates refused, and why")
+
+
 class Health(BaseModel):
     status: str = Field(description="always ok when the process answers", examples=["ok"])
     ready: bool = Field(description="model warmed up and index matching the database", examples=[True])
@@ -99,6 +122,9 @@ class Health(BaseModel):
     device: str = Field(description="torch device", examples=["cuda:0"])
     backend: str = Field(
         description="what runs the extractor (REID_BACKEND)", examples=["onnxruntime CPUExecutionProvider"]
+    )
+    backends: dict[str, BackendStatus] = Field(
+        default_factory=dict, description="per network (extractor, mask_generator): what serves it and why"
     )
     fingerprint: str = Field(description="sha256 of the extractor's config and tensors", examples=["3f2a..."])
     gallery_size: int = Field(description="entries in the index", examples=[1200])

@@ -10,8 +10,6 @@ safetensors holds no code, so loading a hostile file cannot execute anything.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from models.config import ModelConfig, as_written
 from models.extractor import FeatureExtractor
+from models.files import atomic_path
 from models.fingerprint import extractor_fingerprint
 from models.unet import MaskGenerator
 
@@ -72,15 +71,8 @@ def save_weights(
         "config": json.dumps(extractor.config.to_dict()),
         "provenance": json.dumps(provenance, default=str),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

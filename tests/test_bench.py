@@ -31,3 +31,44 @@ def test_networks_bench_reports_cuda_rows_or_figures_and_appends_nothing_when_as
     assert "| eager fp32 | 2 |" in out
     assert "| channels_last fp32 | 2 |" in out
     assert "autocast bf16 + CUDA graph" in out
+
+
+def test_gpu_bench_refuses_bad_arguments_with_a_sentence(capsys) -> None:
+    import pytest
+    import torch
+
+    from bench import gpu
+
+    with pytest.raises(SystemExit) as exit_:
+        gpu.main(["--sections", "backends,tpu"])
+    assert (
+        exit_.value.code == 2
+        and "unknown section ['tpu']; choose among backends, faiss, training" in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit) as exit_:
+        gpu.main(["--device", "cpu", "--weights", "/no/such/file.safetensors"])
+    assert exit_.value.code == 2 and "--weights /no/such/file.safetensors is not a file" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exit_:
+            gpu.main([])
+        assert exit_.value.code == 2 and "no CUDA device is visible here" in capsys.readouterr().err
+
+
+def test_gpu_bench_runs_its_code_path_on_the_cpu(tmp_path: Path, capsys) -> None:
+    from bench import gpu
+
+    argv = ["--device", "cpu", "--backbone", "resnet18", "--input-size", "32x16", "--unet-width", "4"]
+    argv += ["--batches", "1,2", "--calls", "1", "--skip", "compile", "--faiss-size", "2000", "--faiss-queries", "10"]
+    argv += ["--faiss-factories", "Flat", "--p", "2", "--k", "2", "--steps", "1", "--no-append"]
+    assert gpu.main(argv) == 0  # no row failed
+    out = capsys.readouterr().out
+    assert "## Every CUDA path (bench.gpu)" in out
+    assert (
+        "| backends: extractor | torch cpu fp32 | 1 |" in out
+        and "| backends: mask_generator | torch cpu fp32 | 2 |" in out
+    )
+    assert "| torch autocast bf16 + channels_last + CUDA graphs |  | n/a | images/s |  | n/a | n/a (no CUDA) |" in out
+    assert "| faiss | Flat on the CPU, 2e+03 | 10 |" in out and "same top-10 as the CPU for 10 of 10" in out
+    for stage in (1, 2, 3):
+        assert f"| training | stage {stage}, amp none | 4 |" in out
+    assert "0 row(s) failed." in out

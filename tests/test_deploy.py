@@ -105,6 +105,26 @@ def final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return instructions[start:]
 
 
+def stages(instructions: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    """Each named stage's instructions, its FROM first."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    for keyword, args in instructions:
+        if keyword == "FROM":
+            current = [(keyword, args)]
+            name = args.split()[-1] if " AS " in args.upper() else f"stage{len(out)}"
+            out[name] = current
+        elif current is not None:
+            current.append((keyword, args))
+    return out
+
+
+def stage_base(instructions: list[tuple[str, str]], stage: list[tuple[str, str]]) -> str:
+    """The image a stage starts from, with the Dockerfile's global ARG defaults filled in."""
+    args = dict(arg.split("=", 1) for keyword, arg in instructions if keyword == "ARG" and "=" in arg)
+    return re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], stage[0][1].split()[0])
+
+
 def exec_form(args: str) -> list[str]:
     """A CMD or HEALTHCHECK ... CMD in exec (JSON) form; shell form is refused (no signals, a shell needed)."""
     assert args.startswith("["), f"use the exec form (a JSON array), not {args!r}"
@@ -302,6 +322,35 @@ def test_dockerfile_is_multi_stage_on_the_cuda_version_of_torch(dockerfile):
     assert (match[1], match[2]) == tuple(torch.version.cuda.split(".")[:2]), (final_base, torch.version.cuda)
 
 
+def test_cpu_target_has_no_cuda_and_serves_like_the_cuda_image(dockerfile):
+    named = stages(dockerfile)
+    assert "cpu" in named, "docker build --target cpu builds the CPU image"
+
+    def lineage(name: str) -> list[str]:
+        """The stage, the stages it is built on and copies from, and theirs: everything in the image."""
+        seen, todo = [], [name]
+        while todo:
+            current = todo.pop()
+            if current in seen or current not in named:
+                continue
+            seen.append(current)
+            todo.append(named[current][0][1].split()[0])
+            todo += [m for k, a in named[current] if k == "COPY" for m in re.findall(r"--from=(\S+)", a)]
+        return seen
+
+    cpu_stages = lineage("cpu")
+    for name in cpu_stages:
+        base = stage_base(dockerfile, named[name]) if named[name][0][1].split()[0] not in named else ""
+        assert "cuda" not in base.lower() and "nvidia" not in base.lower(), f"stage {name} of the CPU image: {base}"
+    installs = " ".join(a for name in cpu_stages for k, a in named[name] if k == "RUN" and "pip install" in a)
+    assert "--index-url https://download.pytorch.org/whl/cpu" in installs, "torch's CPU build, not PyPI's CUDA one"
+    assert "faiss-gpu" not in installs and "requirements-cpu.txt" in installs
+    # Served like the CUDA image: the same command, health check, port and non-root user.
+    cuda = final_stage(dockerfile)
+    for keyword in ("CMD", "HEALTHCHECK", "EXPOSE", "USER", "WORKDIR"):
+        assert [a for k, a in named["cpu"] if k == keyword] == [a for k, a in cuda if k == keyword], keyword
+
+
 def test_dependencies_are_installed_before_the_code_is_copied(dockerfile):
     # The stage that installs the dependencies copies nothing that changes with the code or the docs before it
     # (only the requirements list made from pyproject.toml), so their large layer stays cached.
@@ -336,6 +385,11 @@ def test_dependency_layer_installs_gpu_faiss_instead_of_faiss_cpu(dockerfile, tm
     assert not any(r.startswith("faiss-cpu") for r in requirements)
     expected = [r for r in project["dependencies"] if not r.startswith("faiss-cpu")] + gpu
     assert [r for r in requirements if r] == expected
+    # The CPU image's lists: every dependency as declared (faiss-cpu included), torch and torchvision first.
+    cpu = (tmp_path / "requirements-cpu.txt").read_text().split("\n")
+    assert [r for r in cpu if r] == project["dependencies"]
+    torch_first = [r for r in (tmp_path / "requirements-torch.txt").read_text().split("\n") if r]
+    assert [re.split(r"[<>=]", r)[0] for r in torch_first] == ["torch", "torchvision"]
 
 
 def test_final_image_runs_as_a_numeric_non_root_user(dockerfile):
@@ -549,6 +603,15 @@ def test_gpu_is_reserved_on_the_gpu_host_and_reset_by_the_cpu_override(compose):
     for name in reserving:
         node = _child(root, "services", name, "deploy", "resources", "reservations", "devices")
         assert node is not None and node.tag == "!reset", f"docker-compose.cpu.yml must `!reset` {name}'s GPU devices"
+
+
+def test_cpu_override_builds_and_runs_the_cpu_image(compose, compose_cpu, dockerfile):
+    assert "cpu" in stages(dockerfile)
+    for name in ("api", "train"):
+        service = compose_cpu["services"][name]
+        assert service["build"]["target"] == "cpu", f"{name} builds the Dockerfile's cpu target"
+        assert service["image"] != compose["services"][name]["image"], "the CPU image has its own tag"
+    assert compose_cpu["services"]["api"]["image"] == compose_cpu["services"]["train"]["image"]
 
 
 def _child(node: yaml.Node, *keys: str) -> yaml.Node | None:

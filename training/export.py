@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from models import FeatureExtractor, MaskGenerator, ModelConfig, save_weights
+from models.onnx_export import export_onnx as export_graph
 from training.checkpoint import checkpoint_config, load_checkpoint
 from training.config import TrainConfig
 from training.evaluation import calibrate_thresholds, pair_distances
@@ -140,20 +141,7 @@ def export_onnx(
     """The extractor as ONNX (input ``images`` (N, 3, H, W), output ``features`` (N, feat_dim), N dynamic);
     with ``check``, onnxruntime's output on a batch of 3 must match PyTorch's within ``atol``."""
     config = config or extractor.config
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    extractor = extractor.eval().cpu()
-    example = torch.randn(2, 3, config.input_height, config.input_width)
-    torch.onnx.export(
-        extractor,
-        (example,),
-        str(path),
-        input_names=["images"],
-        output_names=["features"],
-        dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
+    path = export_graph(extractor.cpu(), path, (config.input_height, config.input_width), "features")
     if check:
         max_diff = onnx_max_difference(extractor, path, config)
         if max_diff > atol:

@@ -33,6 +33,7 @@ async def health(state: StateDep) -> Health:
         provenance=e.provenance if e else {},
         device=str(e.device) if e else s.device,
         backend=e.backend_name if e else s.backend,
+        backends={role: sel.as_dict() for role, sel in e.selections.items()} if e else {},
         fingerprint=e.fingerprint if e else "",
         gallery_size=len(state.gallery) if state.gallery else 0,
     )
