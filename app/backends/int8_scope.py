@@ -4,7 +4,7 @@
   output). The template itself must not be 8-bit: 256 levels per tensor cannot keep the small differences
   between people, and the BNNeck's per-dimension scaling magnifies any error that reaches it.
 - The first stage of the extractor: every operation whose output is still at least 1/4 of the input's height.
-  Measured on the strong recipe's MobileNetV2 (docs/TRAINING.md, "INT8"): quantised, blocks 0-3 alone took the
+  Measured on the strong recipe's MobileNetV2 (docs/DEPLOY.md, "CPU backends"): quantised, blocks 0-3 took the
   templates' cosine with fp32 from 0.98 down to 0.75; left in fp32 they cost no measurable time at batch 1.
   Keeping the first and the last layers in higher precision is the field's usual mixed-precision reading.
 - The mask generator's output: what follows its last convolution (the sigmoid, the resize).

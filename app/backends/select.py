@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 TIMING_CALLS = 10  # auto's start-up timing: at most this many batch-1 calls per candidate ...
 TIMING_BUDGET_S = 1.0  # ... or this long, whichever ends first (after two untimed calls)
+# A later candidate displaces an earlier one only when this much faster: two runtimes within the timing's noise
+# would otherwise trade places from one start to the next, and the served templates with them.
+AUTO_MARGIN = 0.10
 
 
 @dataclass
@@ -94,39 +97,52 @@ def build(
         return TorchBackend(module, device, cast, channels_last=device.type == "cuda", graph_batches=graph_batches)
     if kind == "onnxruntime":
         return onnx.cached_fp32(module, role, size, fp32_path, device)
-    if kind in INT8_KINDS and crops is None:
-        raise BackendError(
-            "INT8 needs real crops to calibrate on: set REID_CALIBRATION_DIR to a folder of crops, or enrol some "
-            "and restart (the gallery's stored crops are read at start-up)"
-        )
-    if kind == "onnxruntime-int8":
-        path = _graph_path(cache_dir, role, fingerprint, "-int8.onnx")
-        if not path.exists():
-            assert crops is not None
-            try:
-                onnx.quantize_int8(onnx.fp32_graph(module, role, size, fp32_path), path, crops.calibration, role)
-            except BackendError:
-                raise
-            except Exception as exc:
-                raise BackendError(f"ONNX Runtime INT8 quantisation of the {role} failed: {exc}") from exc
-        return onnx.OnnxBackend(path, device, "int8 (static QDQ, per-channel)")
     if kind in ("openvino", "openvino-bf16"):
         precision = "f32" if kind == "openvino" else "bf16"
-        return openvino.OpenVinoBackend(
-            onnx.fp32_graph(module, role, size, fp32_path), precision, precision.replace("f32", "fp32")
-        )
-    if kind == "openvino-int8":
-        path = _graph_path(cache_dir, role, fingerprint, "-openvino-int8.onnx")
-        if not path.exists():
-            assert crops is not None
+        graph = onnx.fp32_graph(module, role, size, fp32_path)
+        return openvino.OpenVinoBackend(graph, precision, precision.replace("f32", "fp32"))
+    if kind in INT8_KINDS:
+        if crops is None:
+            raise BackendError(
+                "INT8 needs real crops to calibrate on: set REID_CALIBRATION_DIR to a folder of crops, or enrol some "
+                "and restart (the gallery's stored crops are read at start-up)"
+            )
+        suffix, _, load = INT8[kind]
+        path = _graph_path(cache_dir, role, fingerprint, suffix)
+        if path.exists():
             try:
-                openvino.quantize_int8(onnx.fp32_graph(module, role, size, fp32_path), path, crops.calibration, role)
-            except BackendError:
-                raise
-            except Exception as exc:
-                raise BackendError(f"NNCF INT8 quantisation of the {role} failed: {exc}") from exc
-        return openvino.OpenVinoBackend(path, "f32", "int8 (NNCF)")
+                return load(path, device)
+            except BackendError as exc:  # a cached graph that no longer loads: quantised again
+                logger.warning("%s; quantising it again", exc)
+                path.unlink()
+        _quantise(kind, onnx.fp32_graph(module, role, size, fp32_path), path, crops, role)
+        return load(path, device)
     raise ValueError(f"unknown backend {kind!r}")
+
+
+# INT8 kind -> (cached graph's suffix, the quantiser, what serves the graph)
+INT8: dict[str, tuple[str, Callable[..., Path], Callable[[Path, torch.device], Backend]]] = {
+    "onnxruntime-int8": (
+        "-int8.onnx",
+        onnx.quantize_int8,
+        lambda path, device: onnx.OnnxBackend(path, device, "int8 (static QDQ, per-channel)"),
+    ),
+    "openvino-int8": (
+        "-openvino-int8.onnx",
+        openvino.quantize_int8,
+        lambda path, device: openvino.OpenVinoBackend(path, "f32", "int8 (NNCF)"),
+    ),
+}
+
+
+def _quantise(kind: str, fp32: Path, path: Path, crops: ReferenceCrops, role: str) -> None:
+    """``kind``'s INT8 graph of ``fp32`` at ``path``, calibrated on ``crops`` (once per weights: it is cached)."""
+    try:
+        INT8[kind][1](fp32, path, crops.calibration, role)
+    except BackendError:
+        raise
+    except Exception as exc:  # the quantisers raise their own types; the start-up log must say which failed
+        raise BackendError(f"{kind} quantisation of the {role} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _reduced(kind: str, device: torch.device, dtype: str) -> bool:
@@ -148,6 +164,17 @@ def batch1_ms(backend: Backend, x: torch.Tensor) -> float:
     return 1e3 * float(np.median(times))
 
 
+def fastest(timings_ms: dict[str, float], margin: float = AUTO_MARGIN) -> str:
+    """The candidate ``auto`` serves: in the candidates' order, each displaces the one chosen so far only when it
+    is faster by more than ``margin`` (a share of the chosen one's time)."""
+    names = iter(timings_ms)
+    best = next(names)
+    for name in names:
+        if timings_ms[name] < (1 - margin) * timings_ms[best]:
+            best = name
+    return best
+
+
 def select_backend(
     kind: str,
     module: nn.Module,
@@ -166,8 +193,9 @@ def select_backend(
     """The backend of ``kind`` for ``module`` (``role``: extractor or mask_generator), checked for parity.
 
     A named kind that is refused raises BackendError with the figures. ``auto`` on a CPU builds and checks each of
-    ``candidates``, times the ones that pass at batch 1 and serves the fastest; it falls back to the fp32 PyTorch
-    reference (with a warning) when none passes. Reduced-precision kinds are only checked on real crops."""
+    ``candidates``, times the ones that pass at batch 1 and serves the fastest (``fastest``); it falls back to the
+    fp32 PyTorch reference (with a warning) when none passes. Reduced-precision kinds are only checked on real
+    crops."""
     device = next(module.parameters()).device
     chosen = resolve_backend(kind, device)
     templates = role == "extractor"
@@ -232,7 +260,7 @@ def select_backend(
     if not passed:
         logger.warning("auto: no backend passed for the %s; serving it with fp32 PyTorch", role)
         return selection
-    best = min(passed, key=lambda name: selection.timings_ms[name])
+    best = fastest(selection.timings_ms)
     selection.backend, selection.parity = passed[best]
     selection.kind = best
     timings = ", ".join(

@@ -74,7 +74,15 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
 
 @pytest.fixture
 def settings(tmp_path: Path, small_weights: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", weights=small_weights, device="cpu", batch_max_wait_ms=2)
+    # One runtime, so that a restart serves the same templates (auto's choice among near-equal runtimes follows
+    # the machine's load); the choice itself: test_reduced_precision.py, test_ops.py.
+    return Settings(
+        data_dir=tmp_path / "data",
+        weights=small_weights,
+        device="cpu",
+        batch_max_wait_ms=2,
+        backend_candidates="onnxruntime",
+    )
 
 
 def png_bytes(seed: int, size: tuple[int, int] = (32, 64), fmt: str = "PNG") -> bytes:

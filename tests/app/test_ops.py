@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
+from app.backends.select import fastest
 from app.config import Settings
 from app.gallery import mismatch_message
 from app.main import create_app
@@ -43,11 +44,19 @@ def test_api_key_is_a_documented_security_scheme_only_when_set(settings: Setting
 
 
 def test_health_names_backend_and_fingerprint(settings: Settings) -> None:
-    with TestClient(create_app(settings)) as client:
+    default_candidates = Settings.model_fields["backend_candidates"].default
+    with TestClient(create_app(settings.model_copy(update={"backend_candidates": default_candidates}))) as client:
         health = client.get("/health").json()
         embedder = client.app.state.reid.embedder
-        assert health["backend"] == "onnxruntime CPUExecutionProvider" == embedder.backend.name
+        assert health["backend"] == embedder.backend.name
         assert health["fingerprint"] == embedder.fingerprint and len(health["fingerprint"]) == 64
+        # auto on a CPU with no crops yet: the fp32 runtimes timed, the fastest serving; bf16 and INT8 wait for crops.
+        extractor = health["backends"]["extractor"]
+        assert set(extractor["auto_timings_ms"]) == {"onnxruntime", "openvino"}
+        assert extractor["kind"] == fastest(extractor["auto_timings_ms"])
+        assert extractor["parity"]["ok"] and extractor["parity"]["check_set"] == "4 seeded noise inputs"
+        assert set(extractor["refused"]) == {"openvino-bf16", "onnxruntime-int8", "openvino-int8"}
+        assert health["backends"]["mask_generator"]["name"] == embedder.mask_backend.name
 
 
 def test_request_pixel_limit(settings: Settings) -> None:

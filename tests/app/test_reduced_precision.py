@@ -21,6 +21,7 @@ from app.backends import (
 )
 from app.backends.openvino import cpu_has_bf16
 from app.backends.parity import run_batched
+from app.backends.select import fastest
 from app.config import Settings
 from app.embedder import Embedder
 from models import ModelConfig, build_extractor, build_mask_generator, load_weights, save_weights
@@ -186,7 +187,7 @@ def test_auto_times_the_candidates_and_logs_its_choice(
     )
     selection = embedder.selections["extractor"]
     assert set(selection.timings_ms) == {"onnxruntime", "openvino", "openvino-int8"}
-    assert selection.kind == min(selection.timings_ms, key=selection.timings_ms.get)
+    assert selection.kind == fastest(selection.timings_ms)
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("auto: serving the extractor"))
     assert f"with {embedder.backend_name} (batch 1: " in line
     for name, ms in selection.timings_ms.items():
@@ -230,3 +231,12 @@ def test_select_backend_directly(small_weights: Path, crops_dir: Path, tmp_path:
     )
     assert selection.backend.name == "openvino CPU fp32" and selection.parity is not None
     assert selection.parity.min_cosine == 0.999 and selection.parity.nn_agreement == 1.0
+
+
+def test_auto_keeps_an_earlier_candidate_unless_a_later_one_is_clearly_faster() -> None:
+    # Candidates in REID_BACKEND_CANDIDATES' order; a later one must beat the chosen one by more than 10%.
+    assert fastest({"onnxruntime": 4.0, "openvino": 3.7}) == "onnxruntime"  # 7.5% faster: within the noise
+    assert fastest({"onnxruntime": 4.0, "openvino": 3.5}) == "openvino"  # 12.5% faster
+    assert fastest({"onnxruntime": 4.0, "openvino": 3.5, "openvino-int8": 1.0}) == "openvino-int8"
+    assert fastest({"openvino": 3.0, "onnxruntime": 4.0}) == "openvino"
+    assert fastest({"onnxruntime": 4.0}, margin=0.0) == "onnxruntime"
