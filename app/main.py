@@ -27,9 +27,20 @@ from app.ui import install_ui
 logger = logging.getLogger(__name__)
 
 
+def _log_to_stderr(level: str) -> None:
+    """The service's own records at ``level``. Under a bare ``uvicorn app.main:app`` nothing else shows them
+    (uvicorn configures its own loggers only): the backend choice, the start-up summary, warnings."""
+    app_logger = logging.getLogger("app")
+    app_logger.setLevel(level)
+    if not app_logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        app_logger.addHandler(handler)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    logging.getLogger("app").setLevel(settings.log_level.upper())
+    _log_to_stderr(settings.log_level.upper())
     state = State(settings)
 
     @asynccontextmanager

@@ -49,6 +49,9 @@ class OpenVinoBackend:
             "INFERENCE_PRECISION_HINT": precision,
             "PERFORMANCE_HINT": "LATENCY",  # one stream: the micro-batcher sends one batch at a time
             "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            # Unpinned: the service's own threads, replicas and other processes share these cores (pinned, two
+            # processes bind to the same cores and each runs at half speed).
+            "ENABLE_CPU_PINNING": False,
         }
         try:
             compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
