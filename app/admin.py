@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from app.config import Settings
+from app.config import load_settings
 from app.db import make_engine
 
 logger = logging.getLogger("app.admin")
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings()
+    settings = load_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = make_engine(settings.sqlalchemy_url, settings.db_connect_timeout_s)
     try:

@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.backends.base import BACKENDS, KINDS
 from models import BACKBONES
 
+MIN_API_KEY_LENGTH = 16
+# Keys copied from examples and tutorials, compared lower-cased without separators: the first thing an attacker
+# tries. Random keys (openssl rand -hex 32) never look like these.
+PLACEHOLDER_KEYS = frozenset(
+    {
+        "admin", "apikey", "changeit", "changeme", "default", "dummy", "example", "fixme", "key", "letmein",
+        "mysecret", "none", "password", "placeholder", "qwerty", "reid", "replaceme", "secret", "secretkey",
+        "supersecret", "test", "testing", "todo", "token", "yourapikey", "yourkey", "yoursecret",
+    }
+)  # fmt: skip
+PLACEHOLDER_MARKERS = ("changeme", "replaceme", "placeholder", "yourapikey", "yourkey", "yoursecret", "example")
+KEY_HOW_TO = "generate one with `openssl rand -hex 32`"
+
 
 class Settings(BaseSettings):
     """Every knob of the service; the environment variable is the field name upper-cased with ``REID_``."""
 
-    model_config = SettingsConfigDict(env_prefix="REID_", env_file=None, extra="ignore")
+    # Errors never echo what was given: REID_API_KEY and the password in REID_DATABASE_URL are secrets.
+    model_config = SettingsConfigDict(env_prefix="REID_", env_file=None, extra="ignore", hide_input_in_errors=True)
 
     data_dir: Path = Field(Path("./data"), description="SQLite file, FAISS index file and stored crops")
     weights: Path | None = Field(None, description="weights file written by training (models.save_weights)")
@@ -58,14 +73,46 @@ class Settings(BaseSettings):
     replica_poll_s: float = Field(
         1.0, gt=0, description="catch up with other replicas' changes at least this often (s); NOTIFY wakes sooner"
     )
+    write_lock_timeout_s: float = Field(
+        10.0, gt=0, description="a write waits at most this for the writers' lock, then answers 503 + Retry-After"
+    )
     migrate_on_start: bool = Field(True, description="apply database migrations at start-up (else: reid-admin migrate)")
-    api_key: str | None = Field(None, description="when set, every route but /health needs X-API-Key", repr=False)
+    api_key: str | None = Field(
+        None,
+        description=f"every route but /health needs it in X-API-Key; at least {MIN_API_KEY_LENGTH} characters, "
+        f"{KEY_HOW_TO}; required unless allow_unauthenticated",
+        repr=False,
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="serve with no API key at all (api_key unset): only on loopback or behind a proxy that "
+        "authenticates; without a key and without this the service refuses to start",
+    )
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
-    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_image_pixels: int = Field(
+        2048 * 2048, ge=1, description="pixels of one image, from its header before decoding (person crops are small)"
+    )
+    max_image_side: int = Field(
+        1024, ge=16, description="a decoded image longer than this (px) is downscaled to it, keeping its aspect"
+    )
     max_request_pixels: int = Field(
         32 * 1024 * 1024, ge=1, description="decoded pixels of all the images of one request (~100 MB as RGB)"
     )
     max_files_per_request: int = Field(64, ge=1)
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="a whole request body, counted as it streams (never more than max_files_per_request x "
+        "max_upload_bytes + 1 MiB): what a request can make the service spool to disk",
+    )
+    max_form_fields: int = Field(
+        256, ge=16, description="text fields of one form, counted while it is parsed (a query's camera lists included)"
+    )
+    max_metadata_bytes: int = Field(16 * 1024, ge=64, description="the metadata JSON object, in UTF-8 bytes")
+    max_metadata_depth: int = Field(
+        8, ge=1, le=64, description="nesting of objects and arrays in the metadata (the object itself is 1)"
+    )
+    max_metadata_keys: int = Field(256, ge=1, description="keys in the metadata, its nested objects' included")
     batch_max_size: int = Field(32, ge=1)
     batch_max_wait_ms: float = Field(5.0, ge=0, description="a batch with company waits at most this for more")
     batch_queue_size: int = Field(256, ge=1, description="images waiting for the network; past it 503 + Retry-After")
@@ -123,6 +170,38 @@ class Settings(BaseSettings):
             raise ValueError(f"cuda_graph_batches must be positive integers separated by commas, got {value!r}")
         return value
 
+    @model_validator(mode="after")
+    def _auth_decided(self) -> Settings:
+        key = self.api_key.strip() if self.api_key is not None else None
+        if key:
+            if problem := weak_key_problem(key):
+                raise ValueError(problem)
+            if self.allow_unauthenticated:
+                raise ValueError(
+                    "REID_API_KEY is set and REID_ALLOW_UNAUTHENTICATED=true asks for no authentication: "
+                    "they contradict each other, unset one of them"
+                )
+        elif not self.allow_unauthenticated:
+            said = "is empty, and an empty key does not turn authentication off" if key == "" else "is not set"
+            raise ValueError(
+                f"REID_API_KEY {said}: the service refuses to start with its routes open to anyone. Set "
+                f"REID_API_KEY ({KEY_HOW_TO}), or set REID_ALLOW_UNAUTHENTICATED=true to serve without "
+                "authentication (only on loopback or behind a proxy that authenticates)"
+            )
+        self.api_key = key or None
+        return self
+
+    @property
+    def auth(self) -> Literal["api_key", "disabled"]:
+        """How requests are authenticated: an X-API-Key header, or not at all (REID_ALLOW_UNAUTHENTICATED)."""
+        return "api_key" if self.api_key is not None else "disabled"
+
+    @property
+    def body_limit(self) -> int:
+        """The bytes a request body may have: its files at their limit and the form around them, within
+        max_request_bytes (the multipart parser spools a file part whole before its own size is checked)."""
+        return min(self.max_upload_bytes * self.max_files_per_request + 1024 * 1024, self.max_request_bytes)
+
     @property
     def backend_candidate_list(self) -> list[str]:
         return [v.strip() for v in self.backend_candidates.split(",") if v.strip()]
@@ -138,3 +217,33 @@ class Settings(BaseSettings):
     @property
     def sqlalchemy_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'reid.db').resolve()}"
+
+
+def weak_key_problem(key: str) -> str | None:
+    """Why ``key`` must not be an API key (a placeholder, too short, too few distinct characters, or not fit for
+    an HTTP header), or None. The key itself is named only when it is a public placeholder."""
+    folded = "".join(c for c in key.lower() if c.isalnum())
+    if folded in PLACEHOLDER_KEYS:
+        return f"REID_API_KEY is a placeholder ({key!r}) that anyone can guess: {KEY_HOW_TO}"
+    if marker := next((m for m in PLACEHOLDER_MARKERS if m in folded), None):
+        return f"REID_API_KEY reads as a placeholder (it holds {marker!r}): {KEY_HOW_TO}"
+    if len(key) < MIN_API_KEY_LENGTH:
+        return f"REID_API_KEY has {len(key)} characters, fewer than {MIN_API_KEY_LENGTH}: {KEY_HOW_TO}"
+    if len(set(key)) < 5:
+        return f"REID_API_KEY uses only {len(set(key))} distinct characters: {KEY_HOW_TO}"
+    if not all(33 <= ord(c) < 127 for c in key):
+        return "REID_API_KEY may hold printable ASCII only, no spaces (it travels in an HTTP header)"
+    return None
+
+
+def load_settings() -> Settings:
+    """Settings for an entry point (``app.main:app``, ``reid-serve``, ``reid-admin``): invalid ones stop the process
+    (exit status 1) with one sentence per problem, and no traceback to read them from."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_input=False):
+            where = f"REID_{str(error['loc'][0]).upper()}: " if error["loc"] else ""
+            problems.append(where + str(error["msg"]).removeprefix("Value error, "))
+        raise SystemExit("invalid REID_* settings, nothing started:\n  " + "\n  ".join(problems)) from None

@@ -15,6 +15,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Text,
     TypeDecorator,
     create_engine,
 )
@@ -30,6 +31,9 @@ NOTIFY_CHANNEL = "reid_changes"
 # Keys of reid_meta.
 META_FINGERPRINT = "fingerprint"
 META_REEMBED_TARGET = "reembed_target"
+# A random id given to the gallery when its database is created: a snapshot or replica of another database
+# (a new one under the same URL) is told apart by it.
+META_EPOCH = "epoch"
 
 
 class UTCDateTime(TypeDecorator):
@@ -98,6 +102,18 @@ class GalleryMeta(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(String(200))
+
+
+class IdempotentAnswer(Base):
+    """The answer to a ``POST /gallery`` that carried an ``Idempotency-Key``, committed with its entries: a retry
+    of a request whose answer was lost (a timeout, a dropped connection) gets it again instead of enrolling twice."""
+
+    __tablename__ = "reid_idempotency"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=_now, index=True)
 
 
 def make_engine(url: str, connect_timeout_s: int = 5) -> Engine:

@@ -21,10 +21,11 @@ from starlette.concurrency import run_in_threadpool
 
 from app.backends import Backend, ReferenceCrops, Selection, TorchBackend, reference_crops, select_backend
 from app.config import Settings
+from app.untrained import ensure_untrained_weights
 from models import (
     ModelConfig,
+    WeightsError,
     build_eval_transform,
-    build_extractor,
     extractor_fingerprint,
     load_weights,
     read_metadata,
@@ -167,6 +168,7 @@ class Embedder:
     provenance: dict[str, Any]
     trained: bool
     fingerprint: str = ""  # models.extractor_fingerprint of the extractor: the template space's identity
+    weights_path: Path | None = None  # the file served: REID_WEIGHTS, or the untrained one in the data folder
     backend: Backend | None = None  # what serves the extractor; None until load_backends()
     mask_backend: Backend | None = None
     selections: dict[str, Selection] = field(default_factory=dict)  # role -> how its backend was chosen
@@ -179,24 +181,32 @@ class Embedder:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Embedder:
-        """The networks of ``settings.weights`` (or an untrained one, said loudly), with their backends."""
+        """The networks of ``settings.weights`` (or the untrained one kept in the data folder, said loudly), with
+        their backends."""
         device = pick_device(settings.device)
         if settings.weights is not None:
             read_metadata(settings.weights)  # fails fast, with the file named, before any tensor
             model = load_weights(settings.weights, device)
             embedder = cls(model.config, model.extractor, model.mask_generator, device, model.provenance, True)
-            embedder.fingerprint = model.fingerprint
+            embedder.weights_path = settings.weights
         else:
-            config = ModelConfig(backbone=settings.backbone)
-            extractor = build_extractor(config, settings.pretrained).to(device).eval()
-            source = f"ImageNet trunk from {settings.pretrained}" if settings.pretrained else "random initial weights"
+            path = ensure_untrained_weights(settings.data_dir, settings.backbone, settings.pretrained)
+            try:
+                model = load_weights(path, device)
+            except WeightsError as exc:
+                raise WeightsError(
+                    f"{exc}. It holds the untrained weights an earlier start built: delete it to build new ones "
+                    "(entries enrolled under it will not match them)"
+                ) from exc
             logger.warning(
-                "NO TRAINED WEIGHTS (REID_WEIGHTS unset): serving %s with %s; matches are NOT meaningful",
-                config.backbone,
-                source,
+                "NO TRAINED WEIGHTS (REID_WEIGHTS unset): serving %s with %s, kept in %s; matches are NOT meaningful",
+                model.config.backbone,
+                model.provenance.get("source", "untrained weights"),
+                path,
             )
-            embedder = cls(config, extractor, None, device, {"source": source}, False)
-            embedder.fingerprint = extractor_fingerprint(config, extractor.state_dict())
+            embedder = cls(model.config, model.extractor, None, device, model.provenance, False)
+            embedder.weights_path = path
+        embedder.fingerprint = model.fingerprint
         embedder.batch_max_size = settings.batch_max_size
         embedder.batch_max_wait_ms = settings.batch_max_wait_ms
         embedder.batch_max_queued = settings.batch_queue_size

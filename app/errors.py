@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.gallery import ModelMismatch
+from app.faults import IdempotencyKeyReused, ModelMismatch, Resyncing, WriteBusy, fatal_reason, is_busy
 from app.schemas import Problem
 
 logger = logging.getLogger(__name__)
@@ -58,11 +58,12 @@ _DESCRIPTIONS = {
     401: "missing or wrong X-API-Key header",
     404: "no such entry or identity",
     409: "the loaded weights have no mask generator",
-    413: "a file, an image, the number of files or the request body over its limit",
+    413: "a file, an image, the number of files or form fields, a text field or the request body over its limit",
     415: "not an image of an allowed format",
     422: "invalid parameters or form fields",
-    503: "the service is starting or overloaded (with Retry-After), the database is unreachable, or the gallery "
-    "was re-embedded under other weights",
+    503: "the service is starting or overloaded, another writer holds the write lock, the index is being rebuilt "
+    "after the database changed (all with Retry-After); the database is unreachable or failed, or the gallery was "
+    "re-embedded under other weights",
     504: "the request took longer than REID_REQUEST_TIMEOUT_S",
 }
 
@@ -76,7 +77,24 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
+RETRY = {"Retry-After": "2"}
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "request_too_large"}
+# Starlette stops parsing a form at its limits (app.main's form_limits) with a 400 whose sentence starts so;
+# they are sizes of the request, answered 413 like every other limit: (code, the setting behind it).
+_FORM_LIMITS = {
+    "Too many files": ("too_many_files", "REID_MAX_FILES_PER_REQUEST"),
+    "Too many fields": ("too_many_fields", "REID_MAX_FORM_FIELDS"),
+    "Part exceeded maximum size": ("form_field_too_large", "4 x REID_MAX_METADATA_BYTES a text field"),
+    "Field exceeded maximum size": ("form_field_too_large", "4 x REID_MAX_METADATA_BYTES a text field"),
+}
+
+
+def form_limit_code(exc: StarletteHTTPException) -> tuple[str, str] | None:
+    """(code, setting) when ``exc`` is Starlette refusing a form past one of its limits, else None."""
+    if exc.status_code != 400:
+        return None
+    detail = str(exc.detail)
+    return next((over for start, over in _FORM_LIMITS.items() if detail.startswith(start)), None)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -95,14 +113,39 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        over = form_limit_code(exc)
+        if over is not None:
+            code, setting = over
+            return problem(413, code, f"{exc.detail} The form is refused while it is read ({setting}).")
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         return problem(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
     async def _database(request: Request, exc: Exception) -> JSONResponse:
+        reason = fatal_reason(exc)
+        if reason is not None:
+            # Corrupt, read-only or full: retrying cannot heal it. Liveness fails from now on (/health 503), so
+            # an orchestrator restarts the process, whose start-up then exits with the same reason.
+            request.app.state.reid.fatal = f"the database failed: {reason}"
+            logger.critical("database failure on %s %s: %s", request.method, request.url.path, reason)
+            return problem(503, "database_failed", f"the database failed and needs an operator: {reason}")
+        if is_busy(exc):
+            return problem(503, "write_busy", "the database is locked by another writer; retry shortly", headers=RETRY)
         logger.error("database error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
-        return problem(503, "database_unavailable", "the database is unreachable or failed; retry later")
+        return problem(503, "database_unavailable", "the database is unreachable; retry later", headers=RETRY)
+
+    @app.exception_handler(WriteBusy)
+    async def _write_busy(request: Request, exc: WriteBusy) -> JSONResponse:
+        return problem(503, "write_busy", f"{exc}; retry shortly (reads are answered meanwhile)", headers=RETRY)
+
+    @app.exception_handler(Resyncing)
+    async def _resyncing(request: Request, exc: Resyncing) -> JSONResponse:
+        return problem(503, "index_resyncing", f"the index is being rebuilt: {exc}", headers=RETRY)
+
+    @app.exception_handler(IdempotencyKeyReused)
+    async def _key_reused(request: Request, exc: IdempotencyKeyReused) -> JSONResponse:
+        return problem(422, "idempotency_key_reused", str(exc))
 
     @app.exception_handler(ModelMismatch)
     async def _model_mismatch(request: Request, exc: ModelMismatch) -> JSONResponse:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,11 +18,12 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import State, require_api_key
 from app.api.middleware import install_middlewares
 from app.api.routes import KEYED, OPEN
-from app.config import Settings
+from app.config import Settings, load_settings
 from app.db import make_engine
 from app.embedder import Embedder
 from app.errors import install_error_handlers
-from app.gallery import Gallery, exit_on_failure
+from app.faults import WriteBusy, fatal_reason
+from app.gallery import Gallery
 from app.ui import install_ui
 
 logger = logging.getLogger(__name__)
@@ -38,8 +40,19 @@ def _log_to_stderr(level: str) -> None:
         app_logger.addHandler(handler)
 
 
+def exit_on_failure(opener: asyncio.Future[None]) -> None:
+    """Done-callback of a gallery opener that outlived start-up: a failure other than an unreachable database
+    (those are retried) cannot heal, so the process exits non-zero with the reason logged, for an orchestrator
+    to restart it and the operator to see why."""
+    if opener.cancelled() or opener.exception() is None:
+        return
+    logger.critical("start-up failed: %s", opener.exception(), exc_info=opener.exception())
+    logging.shutdown()
+    os._exit(1)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+    settings = settings or load_settings()
     _log_to_stderr(settings.log_level.upper())
     state = State(settings)
 
@@ -61,7 +74,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await run_in_threadpool(gallery.open)
                     break
                 except (OperationalError, DBAPIError) as exc:
+                    reason = fatal_reason(exc)
+                    if reason is not None:  # corrupt, read-only or full: no retry heals it
+                        raise RuntimeError(f"the database at {engine.url!r} cannot be used: {reason}") from exc
                     logger.error("database unreachable at start-up (%s); retrying in 2 s", type(exc).__name__)
+                    await asyncio.sleep(2.0)
+                except WriteBusy as exc:  # another writer holds the lock for now: it will be let go
+                    logger.error("%s at start-up; retrying in 2 s", exc)
                     await asyncio.sleep(2.0)
             gallery.start_background()
             state.gallery = gallery
@@ -88,7 +107,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await embedder.stop()
             engine.dispose()
 
-    app = FastAPI(title="Person re-ID service", version="1.1.0", lifespan=lifespan)
+    # Counted while the form streams in, before a part is spooled: 2,000 tiny parts are refused at the 65th file
+    # or the 257th field (413), not parsed whole. A text field may be 4x the metadata limit, so that an
+    # oversized metadata field still gets its own sentence (422 invalid_metadata).
+    form_limits = {
+        "max_files": settings.max_files_per_request,
+        "max_fields": settings.max_form_fields,
+        "max_part_size": 4 * settings.max_metadata_bytes,
+    }
+    app = FastAPI(title="Person re-ID service", version="1.1.0", lifespan=lifespan, form_limits=form_limits)
     app.state.reid = state
     install_error_handlers(app)
     # With a key set, its routes declare the X-API-Key scheme (OpenAPI shows it) and check it; the middleware
@@ -116,6 +143,6 @@ def serve() -> None:
     """The ``reid-serve`` entry point: uvicorn on REID_HOST:REID_PORT."""
     import uvicorn
 
-    settings = Settings()
+    settings = load_settings()
     logging.basicConfig(level=settings.log_level.upper())
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())

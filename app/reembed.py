@@ -5,17 +5,21 @@ The new templates are staged in ``reid_entries.embedding_next`` batch by batch, 
 that stops resumes where it was (a run for other weights starts over). Entries enrolled meanwhile are picked up
 before the switch, which happens under the writers' lock once every entry has a staged template: the old
 embeddings are replaced, the fingerprint set and a ``reembed`` change logged, which makes running replicas
-rebuild (same weights) or stop serving (other weights)."""
+rebuild (same weights) or stop serving (other weights).
+
+Entries deleted while it runs (by a running replica) are skipped, and one run at a time holds a lock: on
+PostgreSQL an advisory lock, on SQLite the data folder's (``reid-admin``)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sqlalchemy import func, select, text, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
@@ -31,11 +35,27 @@ from app.db import (
     GalleryMeta,
     make_sessionmaker,
 )
-from app.gallery import WRITE_LOCK
+from app.gallery.changelog import WRITE_LOCK
 
 logger = logging.getLogger(__name__)
 
 Embed = Callable[[list[Image.Image]], np.ndarray]
+REEMBED_LOCK = 0x5E1D_0003  # PostgreSQL advisory lock held by the one re-embed run
+
+
+@contextlib.contextmanager
+def one_run(engine: Engine) -> Iterator[None]:
+    """Hold the re-embed lock for the run (PostgreSQL; on SQLite the caller holds the data folder's lock)."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as connection:
+        if not connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": REEMBED_LOCK}):
+            raise RuntimeError("another `reid-admin reembed` is running on this database; wait for it to finish")
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": REEMBED_LOCK})
 
 
 def _set_meta(session: Session, key: str, value: str | None) -> None:
@@ -53,6 +73,11 @@ def reembed(
     engine: Engine, data_dir: Path, embed: Embed, fingerprint: str, batch_size: int = 64, progress: bool = False
 ) -> int:
     """Re-embed the gallery for the weights with ``fingerprint``; the entries embedded by this run."""
+    with one_run(engine):
+        return _reembed(engine, data_dir, embed, fingerprint, batch_size, progress)
+
+
+def _reembed(engine: Engine, data_dir: Path, embed: Embed, fingerprint: str, batch_size: int, progress: bool) -> int:
     migrate.upgrade(engine)
     sessions = make_sessionmaker(engine)
     with sessions() as session, session.begin():
@@ -103,23 +128,35 @@ def _embed_missing(
                 ).all()
             if not rows:
                 return done
-            images = []
+            images, embedded = [], []
             for row in rows:
                 path = data_dir / row.crop_path
                 try:
                     with Image.open(path) as image:
                         images.append(image.convert("RGB"))
+                    embedded.append(row.id)
                 except FileNotFoundError:
+                    if _deleted(sessions, row.id):  # a replica deleted it meanwhile (and then its crop)
+                        continue
                     raise FileNotFoundError(
                         f"entry {row.id}'s stored crop {path} is missing, so it cannot be re-embedded; delete the "
                         f"entry (DELETE /gallery/{row.id}) and run reembed again (it resumes)"
                     ) from None
-            vectors = np.asarray(embed(images), dtype="<f4")
-            with sessions() as session, session.begin():
-                session.execute(
-                    update(Entry),
-                    [{"id": r.id, "embedding_next": v.tobytes()} for r, v in zip(rows, vectors, strict=True)],
-                )
-            done += len(rows)
+            if images:
+                vectors = np.asarray(embed(images), dtype="<f4")
+                # Core executemany: a row deleted meanwhile updates nothing (the ORM's bulk update would raise).
+                with sessions() as session, session.begin():
+                    session.connection().execute(
+                        update(Entry.__table__)
+                        .where(Entry.__table__.c.id == bindparam("entry_id"))
+                        .values(embedding_next=bindparam("vector")),
+                        [{"entry_id": i, "vector": v.tobytes()} for i, v in zip(embedded, vectors, strict=True)],
+                    )
+            done += len(embedded)
             last = rows[-1].id
             bar.update(len(rows))
+
+
+def _deleted(sessions: sessionmaker, entry_id: int) -> bool:
+    with sessions() as session:
+        return session.get(Entry, entry_id) is None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -114,7 +114,11 @@ class Health(BaseModel):
     ready: bool = Field(description="model warmed up and index matching the database", examples=[True])
     trained_weights: bool = Field(description="false: no trained weights, matches are meaningless", examples=[True])
     warning: str | None = Field(None, description="why matches may be meaningless", examples=[None])
-    weights: str | None = Field(None, description="weights file path", examples=["/weights/reid.safetensors"])
+    weights: str | None = Field(
+        None,
+        description="the weights file served: REID_WEIGHTS, or without it the untrained one kept in the data folder",
+        examples=["/weights/reid.safetensors"],
+    )
     backbone: str = Field(description="extractor backbone", examples=["resnet50"])
     feat_dim: int = Field(description="template length", examples=[512])
     mask_generator: bool = Field(description="the weights hold a mask generator", examples=[True])
@@ -128,6 +132,11 @@ class Health(BaseModel):
     )
     fingerprint: str = Field(description="sha256 of the extractor's config and tensors", examples=["3f2a..."])
     gallery_size: int = Field(description="entries in the index", examples=[1200])
+    auth: Literal["api_key", "disabled"] = Field(
+        description="api_key: every route but /health needs X-API-Key; disabled: REID_ALLOW_UNAUTHENTICATED=true, "
+        "no authentication",
+        examples=["api_key"],
+    )
 
 
 class Ready(BaseModel):

@@ -118,7 +118,9 @@ def start_server(server: Server, weights: Path, data_dir: Path, crops_dir: Path,
         "REID_BATCH_MAX_WAIT_MS": str(args.batch_max_wait_ms),
         "REID_MAX_FILES_PER_REQUEST": str(max(args.gallery_batches)),
         "REID_LOG_LEVEL": "WARNING",
+        "REID_ALLOW_UNAUTHENTICATED": "true",  # on loopback, for the bench's clients alone
     }
+    env.pop("REID_API_KEY", None)
     if args.threads is not None:  # the servers' torch threads as the bench process's
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     server.log = data_dir.with_suffix(".log")

@@ -8,6 +8,7 @@ import importlib.resources
 import itertools
 import json
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -52,13 +53,35 @@ def load_compose(path: Path) -> dict[str, Any]:
     return yaml.load(path.read_text(), Loader=_ComposeLoader)  # a SafeLoader: no objects built
 
 
-_INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\}")
+_INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
+
+
+class MissingVariable(ValueError):
+    """Compose's `${VAR:?message}` (or `${VAR?message}`) met no value: `docker compose` stops with the message."""
 
 
 def interpolate(value: str, env: dict[str, str] | None = None) -> str:
-    """Compose's `${VAR:-default}` with `env` as the shell and .env (empty: every default is taken)."""
+    """Compose's `${VAR}`, `${VAR:-default}`, `${VAR-default}`, `${VAR:?error}` and `${VAR?error}` with `env` as
+    the shell and .env (empty: every default is taken, every required variable missing). With the colon an empty
+    value counts as unset, as in Compose."""
     env = env or {}
-    return _INTERPOLATION.sub(lambda m: env.get(m["name"]) or (m["default"] or ""), value)
+
+    def one(match: re.Match[str]) -> str:
+        name, op, arg = match["name"], match["op"] or "", match["arg"] or ""
+        given = env.get(name)
+        unset = given is None or (op.startswith(":") and given == "")
+        if unset and op.endswith("?"):
+            raise MissingVariable(f"required variable {name} is missing a value: {arg}")
+        if unset and op.endswith("-"):
+            return arg
+        return given or ""
+
+    return _INTERPOLATION.sub(one, value)
+
+
+def interpolated_names(path: Path) -> set[str]:
+    """The variables a Compose file reads from the shell or .env."""
+    return {match["name"] for match in _INTERPOLATION.finditer(path.read_text())}
 
 
 def environment_of(service: dict[str, Any]) -> dict[str, str]:
@@ -131,12 +154,18 @@ def exec_form(args: str) -> list[str]:
     return json.loads(args)
 
 
-def readme_serve_command() -> list[str]:
-    """The command the README runs the service with: `uvicorn app.main:app ...` in its quick start."""
+def readme_serve_command() -> tuple[dict[str, str], list[str]]:
+    """The command the README runs the service with in its quick start, `uvicorn app.main:app ...`, and the
+    variables set before it on that line (`REID_...=... uvicorn ...`)."""
     for line in README.read_text().splitlines():
         for part in line.split("&&"):
-            if part.split()[:1] == ["uvicorn"]:
-                return shlex.split(part)
+            try:
+                words = shlex.split(part, comments=True)
+            except ValueError:  # prose with an apostrophe
+                continue
+            assignments = list(itertools.takewhile(lambda w: re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", w), words))
+            if words[len(assignments) : len(assignments) + 1] == ["uvicorn"]:
+                return dict(a.split("=", 1) for a in assignments), words[len(assignments) :]
     raise AssertionError("README.md names no `uvicorn ...` command")
 
 
@@ -208,7 +237,7 @@ def serves(settings_cls: type, clean_env: Path):
 
     from app.main import create_app
 
-    app = create_app(settings_cls(data_dir=clean_env / "data"))
+    app = create_app(settings_cls(data_dir=clean_env / "data", allow_unauthenticated=True))
 
     def _serves(method: str, path: str) -> bool:
         scope = {"type": "http", "method": method, "path": path, "root_path": "", "query_string": b"", "headers": []}
@@ -402,7 +431,7 @@ def test_final_image_runs_as_a_numeric_non_root_user(dockerfile):
 
 def test_dockerfile_cmd_is_the_readmes_command_on_the_settings_port(dockerfile, default_port):
     cmd = exec_form(next(args for keyword, args in reversed(dockerfile) if keyword == "CMD"))
-    readme = readme_serve_command()
+    _, readme = readme_serve_command()
     assert readme[:2] == ["uvicorn", "app.main:app"]
     assert cmd[: len(readme)] == readme, f"Dockerfile CMD {cmd} does not start with the README's {readme}"
     assert cmd[len(readme) :] == ["--host", "0.0.0.0", "--port", str(default_port)]
@@ -501,6 +530,47 @@ def test_compose_api_publishes_and_checks_the_settings_port(compose, default_por
     assert api["restart"] in {"always", "unless-stopped", "on-failure"}
 
 
+def test_compose_refuses_to_start_without_an_api_key(compose, compose_cpu):
+    api_env = environment_of(compose["services"]["api"])
+    for shell in ({}, {"REID_API_KEY": ""}, read_env_file(ENV_EXAMPLE)):  # .env.example copied as it is, too
+        with pytest.raises(MissingVariable, match=r"REID_API_KEY is missing a value: .*openssl rand -hex 32"):
+            interpolate(api_env["REID_API_KEY"], shell)
+    key = secrets.token_hex(32)
+    assert interpolate(api_env["REID_API_KEY"], {"REID_API_KEY": key}) == key
+    # The CPU override keeps the requirement, and the stack has no switch that turns authentication off.
+    cpu_env = environment_of(compose_cpu["services"]["api"])
+    assert "REID_API_KEY" not in cpu_env
+    assert "REID_ALLOW_UNAUTHENTICATED" not in api_env | cpu_env
+
+
+def test_compose_publishes_the_api_on_loopback_unless_told(compose, compose_cpu, default_port):
+    [published] = compose["services"]["api"]["ports"]
+    assert interpolate(published) == f"127.0.0.1:{default_port}:{default_port}"
+    assert interpolate(published, {"REID_BIND_ADDRESS": "0.0.0.0"}) == f"0.0.0.0:{default_port}:{default_port}"
+    # An override's ports are added to the base file's, and no other service is published at all.
+    assert all("ports" not in service for service in compose_cpu["services"].values())
+    assert [name for name, service in compose["services"].items() if "ports" in service] == ["api"]
+
+
+def test_env_example_ships_no_key_and_says_how_to_make_one():
+    text = ENV_EXAMPLE.read_text()
+    assert read_env_file(ENV_EXAMPLE)["REID_API_KEY"] == ""
+    assert "openssl rand -hex 32" in text and "REID_ALLOW_UNAUTHENTICATED=true" in text
+    assert "change-me" not in text
+
+
+def test_the_readmes_serve_command_goes_without_a_key_only_by_saying_so(settings_cls, clean_env, monkeypatch):
+    env, command = readme_serve_command()
+    assert env == {"REID_ALLOW_UNAUTHENTICATED": "true"}, env
+    assert "--host" not in command, "uvicorn's default host: loopback only"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert settings_cls().auth == "disabled"
+    monkeypatch.delenv("REID_ALLOW_UNAUTHENTICATED")
+    with pytest.raises(ValueError, match="REID_API_KEY is not set"):
+        settings_cls()
+
+
 def test_the_images_reid_variables_are_settings_and_agree_with_compose(
     dockerfile, compose, setting_names, default_port
 ):
@@ -531,11 +601,13 @@ def test_every_variable_compose_and_env_example_set_is_a_setting(compose, compos
             assert not unknown, f"{name} sets {sorted(unknown)} for {service}; Settings knows {sorted(setting_names)}"
     documented = read_env_file(ENV_EXAMPLE, commented=True)
     assert documented, ".env.example documents no variable"
-    assert not set(documented) - setting_names, sorted(set(documented) - setting_names)
+    # Each is a setting, or a variable the Compose files read themselves (e.g. the address the port is published on).
+    compose_own = interpolated_names(COMPOSE) | interpolated_names(COMPOSE_CPU)
+    assert not set(documented) - setting_names - compose_own, sorted(set(documented) - setting_names - compose_own)
     # The api reads .env; a variable that compose also sets there must come from the same name, or .env is ignored.
     api_env = environment_of(compose["services"]["api"])
     for name in set(documented) & set(api_env):
-        assert re.search(rf"\$\{{{name}(:?-[^}}]*)?\}}", api_env[name]), (
+        assert re.search(rf"\$\{{{name}(:?[-?][^}}]*)?\}}", api_env[name]), (
             f".env.example documents {name}, but docker-compose.yml fixes it to {api_env[name]!r}"
         )
     assert any(
@@ -549,11 +621,13 @@ def test_the_apis_environment_is_valid_settings(compose, compose_cpu, settings_c
     env = {**read_env_file(ENV_EXAMPLE), **environment_of(compose["services"]["api"])}
     if override:
         env.update(environment_of(compose_cpu["services"]["api"]))
+    shell = {**read_env_file(ENV_EXAMPLE), "REID_API_KEY": secrets.token_hex(32)}  # as .env.example tells one to
     for name, value in env.items():
-        monkeypatch.setenv(name, interpolate(value, read_env_file(ENV_EXAMPLE)))
+        monkeypatch.setenv(name, interpolate(value, shell))
     settings = settings_cls()
     assert getattr(settings.device, "value", settings.device) == ("cpu" if override else "cuda")
     assert Path(settings.data_dir) == Path("/data")
+    assert settings.auth == "api_key" and settings.api_key == shell["REID_API_KEY"]
 
 
 def test_database_url_reaches_the_db_service_with_its_credentials(compose):
@@ -631,3 +705,13 @@ def test_train_service_runs_the_training_package_of_the_image(compose):
     assert command[:3] == ["python", "-m", "training"]
     assert importlib.util.find_spec("training.__main__") is not None, "`python -m training` needs training/__main__.py"
     assert compose["services"]["train"]["profiles"] == ["train"], "`docker compose up` must not start training"
+
+
+def test_every_setting_is_in_env_example_and_the_api_docs():
+    from app.config import Settings
+
+    env_example, api_docs = ENV_EXAMPLE.read_text(), (REPO_ROOT / "docs" / "API.md").read_text()
+    for name in Settings.model_fields:
+        variable = f"REID_{name.upper()}"
+        assert variable in env_example, f"{variable} is a setting that .env.example does not list"
+        assert variable in api_docs, f"{variable} is a setting that docs/API.md does not document"

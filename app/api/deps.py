@@ -16,6 +16,7 @@ from fastapi.security import APIKeyHeader
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import StringConstraints, WithJsonSchema
 
+from app.api.inputs import MAX_CAMERA_LENGTH
 from app.config import Settings
 from app.embedder import Embedder, QueueFull
 from app.errors import ApiError
@@ -33,9 +34,18 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("reid_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry)
         self.latency = Histogram("reid_request_seconds", "request latency", ["route"], registry=self.registry)
-        self.inference = Histogram("reid_inference_seconds", "forward pass time", registry=self.registry)
+        self.inference = Histogram(
+            "reid_inference_seconds",
+            "a request's crops from entering the batcher to their templates (queue wait and forward pass)",
+            registry=self.registry,
+        )
         self.size = Gauge("reid_gallery_size", "entries in the gallery", registry=self.registry)
         self.overloaded = Counter("reid_overloaded", "requests refused: batch queue full", registry=self.registry)
+        self.resyncs = Gauge(
+            "reid_gallery_resyncs",
+            "index rebuilds since start because the database changed under it (restored, failed over)",
+            registry=self.registry,
+        )
 
 
 @dataclass
@@ -46,6 +56,7 @@ class State:
     embedder: Embedder | None = None
     gallery: Gallery | None = None
     ready: bool = False
+    fatal: str | None = None  # why this process can no longer serve (a failed database): liveness fails
     metrics: Metrics = field(default_factory=Metrics)
 
 
@@ -135,7 +146,7 @@ RETRY_AFTER_S = 1
 async def uploads(state: State, files: list[UploadFile]) -> list[Upload]:
     s = state.settings
     return await read_images(
-        files, s.max_files_per_request, s.max_upload_bytes, s.max_image_pixels, s.max_request_pixels
+        files, s.max_files_per_request, s.max_upload_bytes, s.max_image_pixels, s.max_request_pixels, s.max_image_side
     )
 
 
@@ -144,11 +155,14 @@ EntryId = Annotated[int, Path(ge=1, le=2**63 - 1, description="entry id")]
 # A multipart form has no null: an optional field is absent. Without these FastAPI would document
 # `anyOf [..., null]`, and a client sending the text "null" as that allows would get a 422.
 FORM_TEXT = WithJsonSchema({"type": "string"})
-FORM_CAMERA = WithJsonSchema({"type": "string", "maxLength": 100})
-FORM_CAMERAS = WithJsonSchema({"type": "array", "items": {"type": "string", "maxLength": 100}, "maxItems": 100})
+FORM_CAMERA = WithJsonSchema({"type": "string", "maxLength": MAX_CAMERA_LENGTH})
+FORM_CAMERAS = WithJsonSchema(
+    {"type": "array", "items": {"type": "string", "maxLength": MAX_CAMERA_LENGTH}, "maxItems": 100}
+)
 FORM_THRESHOLD = WithJsonSchema({"type": "number", "minimum": 0})
 FORM_TIME = WithJsonSchema({"type": "string", "format": "date-time"})
-Camera = Annotated[str, StringConstraints(max_length=100)]
+# Its length here (a validation_error); what it may hold is app.api.inputs.check_camera's (invalid_camera).
+Camera = Annotated[str, StringConstraints(max_length=MAX_CAMERA_LENGTH)]
 
 
 def utc(value: datetime | None) -> datetime | None:

@@ -55,7 +55,7 @@ class BodyLimit:
 def install_middlewares(app: FastAPI, state: State) -> None:
     settings = state.settings
     metrics = state.metrics
-    body_limit = settings.max_upload_bytes * settings.max_files_per_request + 1024 * 1024
+    body_limit = settings.body_limit
     app.add_middleware(BodyLimit, limit=body_limit)
 
     @app.middleware("http")

@@ -75,7 +75,8 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
 @pytest.fixture
 def settings(tmp_path: Path, small_weights: Path) -> Settings:
     # One runtime, so that a restart serves the same templates (auto's choice among near-equal runtimes follows
-    # the machine's load); the choice itself: test_reduced_precision.py, test_ops.py.
+    # the machine's load); the choice itself: test_reduced_precision.py, test_ops.py. No API key: the tests' opt-out
+    # (REID_ALLOW_UNAUTHENTICATED) is set once for the session in tests/conftest.py.
     return Settings(
         data_dir=tmp_path / "data",
         weights=small_weights,

@@ -23,18 +23,23 @@ def free_port() -> int:
 
 
 class Server:
-    """``uvicorn app.main:app`` on 127.0.0.1, configured through REID_* variables as in production."""
+    """``uvicorn app.main:app`` on 127.0.0.1, configured through REID_* variables as in production. Without
+    ``weights`` it serves the untrained network it keeps in ``data_dir``; without ``REID_API_KEY`` in ``env`` it
+    runs unauthenticated, said explicitly as the service requires."""
 
-    def __init__(self, data_dir: Path, weights: Path, log: Path, **env: str) -> None:
+    def __init__(self, data_dir: Path, weights: Path | None, log: Path, **env: str) -> None:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("REID_")}
         self.env.update(
             REID_DATA_DIR=str(data_dir),
-            REID_WEIGHTS=str(weights),
             REID_DEVICE="cpu",
             REID_BATCH_MAX_WAIT_MS="1",
             REID_LOG_LEVEL="WARNING",
             OMP_NUM_THREADS="1",
         )
+        if weights is not None:
+            self.env["REID_WEIGHTS"] = str(weights)
+        if "REID_API_KEY" not in env:
+            self.env["REID_ALLOW_UNAUTHENTICATED"] = "true"
         self.env.update(env)  # e.g. REID_DATABASE_URL
         self.log = log
         self.process: subprocess.Popen | None = None

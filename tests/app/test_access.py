@@ -1,5 +1,6 @@
 """Access: with an API key every route but /health answers 401 without it, the key is compared in constant
-time and never logged or shown; CORS is off unless origins are configured."""
+time and never logged or shown, /health says whether there is one; CORS is off unless origins are configured.
+Starting without a key at all: test_config.py."""
 
 from __future__ import annotations
 
@@ -28,7 +29,14 @@ def _requests(schema: dict) -> list[tuple[str, str]]:
 
 @pytest.fixture
 def keyed(settings: Settings) -> Settings:
-    return settings.model_copy(update={"api_key": KEY})
+    return settings.model_copy(update={"api_key": KEY, "allow_unauthenticated": False})
+
+
+def test_health_says_how_requests_are_authenticated(settings: Settings, keyed: Settings) -> None:
+    # The app is built, not started: /health answers before the lifespan has loaded anything.
+    assert settings.allow_unauthenticated  # the tests' explicit opt-out (tests/conftest.py)
+    assert TestClient(create_app(settings)).get("/health").json()["auth"] == "disabled"
+    assert TestClient(create_app(keyed)).get("/health").json()["auth"] == "api_key"
 
 
 def test_every_route_but_health_needs_the_key(keyed: Settings) -> None:

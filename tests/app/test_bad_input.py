@@ -132,13 +132,14 @@ def test_too_many_files(settings: Settings) -> None:
 
 
 def test_api_key(settings: Settings) -> None:
-    with TestClient(create_app(settings.model_copy(update={"api_key": "s3cret"}))) as client:
+    key = "5b8e0c3f7a1d9e24"
+    with TestClient(create_app(settings.model_copy(update={"api_key": key}))) as client:
         assert client.get("/health").status_code == 200
         for url in ("/gallery", "/identities", "/ready", "/metrics"):
             for headers in ({}, {"X-API-Key": "wrong"}):
                 response = client.get(url, headers=headers)
                 assert response.status_code == 401 and response.json()["code"] == "unauthorized"
-            assert client.get(url, headers={"X-API-Key": "s3cret"}).status_code == 200
+            assert client.get(url, headers={"X-API-Key": key}).status_code == 200
         assert client.post("/embed", files={"files": ("a.png", png_bytes(1), "image/png")}).status_code == 401
 
 

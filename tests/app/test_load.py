@@ -18,8 +18,9 @@ from PIL import Image
 
 from app.config import Settings
 from app.embedder import Embedder
+from app.index import VectorIndex
 from app.main import create_app
-from tests.app.conftest import _postgres_schema_url, png_bytes
+from tests.app.conftest import SMALL, _postgres_schema_url, png_bytes
 from tests.app.server import Server
 
 CLIENTS = 8
@@ -107,10 +108,9 @@ def test_concurrent_clients_lose_nothing_and_memory_stays_bounded(server: Server
 
     kept = {i: (c, s) for c in clients for i, s in c.enrolled.items() if i not in c.deleted}
     enrolled = sum(len(c.enrolled) for c in clients)
-    assert enrolled == CLIENTS * ROUNDS * (OPS_PER_ROUND + OPS_PER_ROUND // 2)
     assert len({i for c in clients for i in c.enrolled}) == enrolled  # ids unique across clients
     with httpx.Client(base_url=server.url, timeout=120) as http:
-        assert http.get("/ready").status_code == 200  # index ids == database ids
+        assert http.get("/ready").status_code == 200
         page = http.get("/gallery", params={"limit": 1000}).json()
         listed = [e["id"] for e in page["items"]]
         assert page["total"] == len(listed) == len(set(listed)) == len(kept)  # nothing lost, nothing twice
@@ -128,6 +128,9 @@ def test_concurrent_clients_lose_nothing_and_memory_stays_bounded(server: Server
             assert top["id"] == entry_id
     growth = max(rss[1:]) - rss[0]
     assert growth < RSS_SLACK, f"resident memory grew by {growth / 2**20:.0f} MiB over the rounds: {rss}"
+    server.stop()  # a clean stop writes the snapshot: the index's own ids, compared with the database's
+    index = VectorIndex.load(Path(server.env["REID_DATA_DIR"]) / "gallery.faiss", SMALL.feat_dim)
+    assert sorted(index.ids().tolist()) == sorted(kept)
 
 
 def test_odd_methods_and_paths_do_not_grow_the_metrics(settings: Settings) -> None:

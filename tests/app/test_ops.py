@@ -27,7 +27,7 @@ def test_ready_reads_no_ids(settings: Settings) -> None:
 
 
 def test_api_key_is_a_documented_security_scheme_only_when_set(settings: Settings) -> None:
-    keyed = create_app(settings.model_copy(update={"api_key": "secret-key"})).openapi()
+    keyed = create_app(settings.model_copy(update={"api_key": "7c0e5d2a9b4f1e36"})).openapi()
     assert keyed["components"]["securitySchemes"]["APIKeyHeader"] == {
         "type": "apiKey",
         "in": "header",

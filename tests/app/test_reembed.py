@@ -119,7 +119,7 @@ def test_a_running_replica_stops_matching_when_the_gallery_is_reembedded_under_o
         with pytest.raises(ModelMismatch):
             old.add("q", None, {}, crops[:1], np.zeros((1, 8), np.float32))
         same_as_new.catch_up()  # a replica whose weights match rebuilds from the new embeddings
-        same_as_new._rebuilder.join(30)
+        same_as_new.worker._rebuilder.join(30)
         ids = same_as_new.db_ids()
         vectors = np.stack([same_as_new.index.index.reconstruct(int(i)) for i in ids])
         np.testing.assert_allclose(vectors, embed([Image.open(old.data_dir / c[1]).convert("RGB") for c in crops]))

@@ -50,9 +50,12 @@ def _within(seconds: float, condition) -> float | None:
         time.sleep(0.02)
 
 
-def test_two_replicas_stay_in_step(tmp_path: Path, small_weights: Path, postgres_url: str) -> None:
+# The default, and a snapshot every few changes: a restart then replays from a snapshot, not only rebuilds.
+@pytest.mark.parametrize("snapshot_every", ["10000", "3"])
+def test_two_replicas_stay_in_step(tmp_path: Path, small_weights: Path, postgres_url: str, snapshot_every: str) -> None:
     data_dir = tmp_path / "data"
-    env = {"REID_DATABASE_URL": postgres_url, "REID_REPLICA_POLL_S": "5"}  # NOTIFY, not the poll, must be in time
+    # NOTIFY, not the poll, must be in time.
+    env = {"REID_DATABASE_URL": postgres_url, "REID_REPLICA_POLL_S": "5", "REID_SNAPSHOT_EVERY": snapshot_every}
     a = Server(data_dir, small_weights, tmp_path / "a.log", **env)
     b = Server(data_dir, small_weights, tmp_path / "b.log", **env)
     try:
@@ -84,11 +87,11 @@ def test_two_replicas_stay_in_step(tmp_path: Path, small_weights: Path, postgres
 
         thread = threading.Thread(target=writer)
         thread.start()
-        _within(30, lambda: len(written) >= 5)
+        assert _within(60, lambda: len(written) >= 5 or errors) is not None and not errors, errors
         b.kill()
-        _within(30, lambda: len(written) >= 15)
+        assert _within(60, lambda: len(written) >= 15 or errors) is not None and not errors, errors
         b.start()
-        _within(30, lambda: len(written) >= 20)
+        assert _within(60, lambda: len(written) >= 20 or errors) is not None and not errors, errors
         stop.set()
         thread.join(60)
         assert not errors, errors

@@ -16,7 +16,7 @@ from app.main import create_app
 from tests.app.conftest import png_bytes
 from tests.conftest import REPO_ROOT
 
-KEY = "ui-api-key-0c1d"
+KEY = "ui-api-key-0c1d-5e8a"
 
 
 def _enroll(client: TestClient, identity: str, seeds: list[int], **headers: str) -> list[int]:
@@ -61,7 +61,7 @@ def test_identities_are_paged_with_a_thumbnail_and_a_total(settings: Settings, d
         ids = {name: _enroll(client, name, [i, i + 10]) for i, name in enumerate(["carol", "alice", "bob", "dave"])}
         _enroll(client, "alice", [30])  # a later crop of alice: her thumbnail stays the first one
 
-        everything = client.get("/identities")  # today's clients: no parameters, every identity
+        everything = client.get("/identities")  # no parameters: the first page of 100, here every identity
         assert everything.headers["x-total-count"] == "4"
         assert everything.json() == [
             {"identity": "alice", "entries": 3, "thumbnail": ids["alice"][0]},

@@ -19,6 +19,7 @@ from models import (
     read_metadata,
     save_weights,
 )
+from models.files import atomic_path
 
 SMALL = ModelConfig(backbone="resnet18", feat_dim=32, unet_base_width=4, input_height=64, input_width=32)
 
@@ -137,3 +138,15 @@ def test_mobilenet_weights_of_format_1_keep_the_last_stride_they_were_computed_w
 def test_missing_weights_file(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match=r"nope\.safetensors does not exist"):
         load_weights(tmp_path / "nope.safetensors")
+
+
+def test_atomic_path_without_overwrite_keeps_the_first_file(tmp_path: Path):
+    path = tmp_path / "first.bin"
+    with atomic_path(path, overwrite=False) as tmp:
+        tmp.write_bytes(b"first")
+    with pytest.raises(FileExistsError), atomic_path(path, overwrite=False) as tmp:
+        tmp.write_bytes(b"second")
+    assert path.read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == ["first.bin"]
+    with atomic_path(path) as tmp:  # the default replaces
+        tmp.write_bytes(b"third")
+    assert path.read_bytes() == b"third"

@@ -334,11 +334,10 @@ def test_page_works_under_a_path_prefix(browser: Any, server: Server) -> None:
 
 
 @pytest.fixture(scope="module")
-def keyed_server(tmp_path_factory: pytest.TempPathFactory, ui_weights: Path) -> Iterator[Server]:
+def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """With REID_API_KEY, and no weights file: the untrained network the page must warn about."""
     root = tmp_path_factory.mktemp("ui-keyed")
-    running = Server(root / "data", ui_weights, root / "server.log", REID_API_KEY=KEY, REID_BACKBONE="mobilenet_v2")
-    del running.env["REID_WEIGHTS"]
+    running = Server(root / "data", None, root / "server.log", REID_API_KEY=KEY, REID_BACKBONE="mobilenet_v2")
     running.start()
     yield running
     running.stop()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
-from pydantic import WithJsonSchema
+from fastapi import APIRouter, Path, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import GalleryDep, ReadyDep
+from app.api.inputs import MAX_IDENTITY_LENGTH, check_identity
 from app.errors import ApiError, problem_responses
 from app.gallery import Gallery
 from app.schemas import DeleteResult, IdentityOut
@@ -20,18 +20,17 @@ router = APIRouter(
 )
 
 
-# A query parameter has no null: absent means "all of them" (FastAPI would otherwise document `anyOf null`).
-QUERY_LIMIT = WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 1000})
+DEFAULT_PAGE = 100  # a gallery of 10^6 identities is not one answer; X-Total-Count says how many pages follow
+MAX_PAGE = 1000
 TOTAL_COUNT_HEADER = {
     "X-Total-Count": {"description": "number of identities in the gallery", "schema": {"type": "integer"}}
 }
 
 
-def identity_page(gallery: Gallery, offset: int, limit: int | None) -> tuple[int, list[IdentityOut]]:
+def identity_page(gallery: Gallery, offset: int, limit: int) -> tuple[int, list[IdentityOut]]:
     """(number of identities, the page of them by name, each with its first entry as thumbnail)."""
-    rows = gallery.identities()
-    page = rows[offset:] if limit is None else rows[offset : offset + limit]
-    return len(rows), [IdentityOut(identity=name, entries=n, thumbnail=first) for name, n, first in page]
+    page = gallery.identities(offset, limit)
+    return gallery.identity_count(), [IdentityOut(identity=name, entries=n, thumbnail=first) for name, n, first in page]
 
 
 # Paged with `offset` / `limit`; the answer keeps today's list shape, the total goes in X-Total-Count.
@@ -44,9 +43,7 @@ async def list_identities(
     gallery: GalleryDep,
     response: Response,
     offset: Annotated[int, Query(ge=0, le=2**31, description="first identity, by name")] = 0,
-    limit: Annotated[
-        int | None, Query(ge=1, le=1000, description="page size; absent: all of them"), QUERY_LIMIT
-    ] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="page size")] = DEFAULT_PAGE,
 ) -> list[IdentityOut]:
     total, page = await run_in_threadpool(identity_page, gallery, offset, limit)
     response.headers["X-Total-Count"] = str(total)
@@ -54,7 +51,12 @@ async def list_identities(
 
 
 @router.delete("/{identity}", response_model=DeleteResult, responses=problem_responses(404))
-async def delete_identity(state: ReadyDep, gallery: GalleryDep, identity: str) -> DeleteResult:
+async def delete_identity(
+    state: ReadyDep,
+    gallery: GalleryDep,
+    identity: Annotated[str, Path(max_length=MAX_IDENTITY_LENGTH, description="identity label", examples=["0001"])],
+) -> DeleteResult:
+    check_identity(identity)
     ids = await run_in_threadpool(gallery.ids_of_identity, identity)
     if not ids:
         raise ApiError(404, "identity_not_found", f"no entries with identity {identity!r}")

@@ -23,6 +23,7 @@ from app.api.deps import (
     uploads,
     utc,
 )
+from app.api.inputs import MAX_CAMERA_LENGTH, check_camera
 from app.errors import ApiError, problem_responses
 from app.gallery import EntryFilter
 from app.rendering import render_mask
@@ -46,10 +47,10 @@ def entry_filter(
 ) -> EntryFilter | None:
     """The form's filters as one EntryFilter (None: no filter). ``camera`` + ``exclude_camera`` is the older
     single-camera form of ``exclude_cameras`` / ``cameras``."""
-    keep = [c for c in cameras or [] if c]
-    drop = [c for c in exclude_cameras or [] if c]
+    keep = [check_camera(c) for c in cameras or [] if c]
+    drop = [check_camera(c) for c in exclude_cameras or [] if c]
     if camera:
-        (drop if exclude_camera else keep).append(camera)
+        (drop if exclude_camera else keep).append(check_camera(camera))
     after, before = utc(after), utc(before)
     if after is not None and before is not None and after >= before:
         raise ApiError(422, "invalid_time_window", f"after ({after.isoformat()}) must be before ({before.isoformat()})")
@@ -65,7 +66,7 @@ async def query(
     file: Annotated[list[UploadFile], File(min_length=1, description="one or more query crops, answered in order")],
     top_k: Annotated[int, Form(ge=1, le=1000, description="matches per query", examples=[10])] = 10,
     camera: Annotated[
-        str | None, Form(max_length=100, description="camera filter", examples=["c1"]), FORM_CAMERA
+        str | None, Form(max_length=MAX_CAMERA_LENGTH, description="camera filter", examples=["c1"]), FORM_CAMERA
     ] = None,
     exclude_camera: Annotated[
         bool, Form(description="true: drop entries of `camera` (as in evaluation); false: keep only them")
