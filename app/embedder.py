@@ -30,6 +30,7 @@ from models import (
     load_weights,
     read_metadata,
 )
+from models.devices import resolve_device
 from models.unet import MaskGenerator
 
 logger = logging.getLogger(__name__)
@@ -39,14 +40,6 @@ T = TypeVar("T")
 # When the request being served must be answered (time.monotonic()); set by the timeout middleware. Work of a
 # request past it is dropped from the batch queue instead of being run for nobody.
 request_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("request_deadline", default=None)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"REID_DEVICE={name!r} but CUDA is not available; use auto or cpu")
-    return torch.device(name)
 
 
 class QueueFull(Exception):
@@ -183,7 +176,7 @@ class Embedder:
     def from_settings(cls, settings: Settings) -> Embedder:
         """The networks of ``settings.weights`` (or the untrained one kept in the data folder, said loudly), with
         their backends."""
-        device = pick_device(settings.device)
+        device = resolve_device(settings.device)
         if settings.weights is not None:
             read_metadata(settings.weights)  # fails fast, with the file named, before any tensor
             model = load_weights(settings.weights, device)

@@ -22,10 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import struct
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,8 @@ from typing import Any, BinaryIO
 
 import faiss
 import numpy as np
+
+from models.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -324,7 +324,7 @@ class VectorIndex:
     # -- files ----------------------------------------------------------------------------------------
 
     def save(self, path: Path, meta: dict[str, Any] | None = None, arrays: dict[str, np.ndarray] | None = None) -> int:
-        """Write atomically (a temporary file beside ``path``, fsync, ``os.replace``): a JSON header (``meta``,
+        """Write atomically and durably (``models.files.atomic_path``): a JSON header (``meta``,
         the index's own state), named ``arrays`` and the FAISS index; the bytes written."""
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = dict(arrays or {})
@@ -337,24 +337,15 @@ class VectorIndex:
             "meta": meta or {},
             "arrays": [[name, a.dtype.str, len(a)] for name, a in arrays.items()],
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                encoded = json.dumps(header).encode()
-                f.write(FILE_MAGIC + struct.pack("<Q", len(encoded)) + encoded)
-                for a in arrays.values():
-                    f.write(np.ascontiguousarray(a).tobytes())
-                writer = faiss.PyCallbackIOWriter(f.write)
-                faiss.write_index(self.index, writer)
-                del writer
-                f.flush()
-                os.fsync(f.fileno())
-                size = f.tell()
-            os.replace(tmp, path)
-            return size
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path, durable=True) as tmp, tmp.open("wb") as f:
+            encoded = json.dumps(header).encode()
+            f.write(FILE_MAGIC + struct.pack("<Q", len(encoded)) + encoded)
+            for a in arrays.values():
+                f.write(np.ascontiguousarray(a).tobytes())
+            writer = faiss.PyCallbackIOWriter(f.write)
+            faiss.write_index(self.index, writer)
+            del writer
+            return f.tell()
 
     @classmethod
     def read(cls, path: Path, **kwargs: Any) -> tuple[VectorIndex, dict[str, Any], dict[str, np.ndarray]]:

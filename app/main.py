@@ -9,7 +9,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 from fastapi import Depends, FastAPI
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -51,6 +51,14 @@ def exit_on_failure(opener: asyncio.Future[None]) -> None:
     os._exit(1)
 
 
+def refuse_to_start(reason: BaseException) -> NoReturn:
+    """A setting that cannot work (a weights file that is not there, CUDA asked for on a CPU): one sentence in
+    the log and a non-zero exit, not a traceback an operator must read to the bottom."""
+    logger.critical("start-up failed: %s", reason)
+    logging.shutdown()
+    os._exit(1)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     _log_to_stderr(settings.log_level.upper())
@@ -59,7 +67,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        embedder = await run_in_threadpool(Embedder.from_settings, settings)
+        try:
+            embedder = await run_in_threadpool(Embedder.from_settings, settings)
+        except (FileNotFoundError, ValueError) as exc:  # a setting names a missing file, a bad one, no CUDA
+            refuse_to_start(exc)
         await run_in_threadpool(embedder.warm_up)
         state.embedder = embedder
         engine = make_engine(settings.sqlalchemy_url, settings.db_connect_timeout_s)

@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models import build_eval_transform, load_weights  # noqa: E402
+from models.devices import resolve_device  # noqa: E402
 from training.cli import build_loaders  # noqa: E402
 from training.config import AMP_MODES, TrainConfig, recipe_config  # noqa: E402
 from training.data import ImageDataset, build_dataset  # noqa: E402
@@ -67,7 +68,6 @@ from training.engine import (  # noqa: E402
     evaluate,
     extract_features,
     fit,
-    resolve_device,
 )
 from training.evaluation import euclidean_distmat  # noqa: E402
 from training.export import export_weights, networks_from_run, threshold_provenance  # noqa: E402

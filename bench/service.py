@@ -55,7 +55,6 @@ from app.backends import (
 from app.backends.crops import MASK_CHECK_CROPS
 from app.backends.select import build
 from app.config import Settings
-from app.embedder import pick_device
 from bench.common import (
     Table,
     add_common_args,
@@ -77,6 +76,7 @@ from models import (
     load_weights,
     save_weights,
 )
+from models.devices import resolve_device
 
 logger = logging.getLogger("bench.service")
 
@@ -218,7 +218,7 @@ class Bare:
     is compared with, so that both see the same load on the machine."""
 
     def __init__(self, weights: Path, images: list[bytes], device: str, crops: ReferenceCrops, cache_dir: Path) -> None:
-        self.device = pick_device(device)  # the service's own choice of device
+        self.device = resolve_device(device)  # the service's own choice of device
         self.model = load_weights(weights, self.device)
         self.crops = crops
         self.cache_dir = cache_dir

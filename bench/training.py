@@ -25,10 +25,11 @@ import torch
 
 from bench.common import Table, add_common_args, int_list, median, report, setup
 from models import ModelConfig
+from models.devices import resolve_device
 from training.cli import build_loaders
 from training.config import AMP_MODES, TrainConfig
 from training.data.synthetic import generate_synthetic_market1501
-from training.engine import Networks, build_networks, resolve_device, set_stage_modes, training_step
+from training.engine import Networks, build_networks, set_stage_modes, training_step
 
 logger = logging.getLogger("bench.training")
 

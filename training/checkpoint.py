@@ -4,9 +4,7 @@ needs anything else (pickled code) is refused."""
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import numpy as np
 import torch
 
 from models.config import as_written
+from models.files import atomic_path
 from models.weights import FORMAT_VERSION
 from training.config import TrainConfig
 
@@ -41,15 +40,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` (a dict of tensors, numbers and state_dicts) so a reader never sees half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path, durable=True) as tmp:  # a resume after a power cut finds the last whole checkpoint
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -200,7 +200,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from models import load_weights
-    from training.engine import extract_features, resolve_device
+    from models.devices import resolve_device
+    from training.engine import extract_features
     from training.evaluation import calibrate_thresholds, evaluate_features, pair_distances
     from training.export import THRESHOLD_FMRS, val_loaders
 
@@ -244,8 +245,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from models.devices import resolve_device
     from training.data.synthetic import generate_synthetic_market1501
-    from training.engine import build_networks, evaluate, fit, resolve_device
+    from training.engine import build_networks, evaluate, fit
 
     out = Path(args.out)
     root = generate_synthetic_market1501(out / "data", seed=args.seed, size=(64, 32))

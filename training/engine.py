@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from models import FeatureExtractor, MaskGenerator, hide_top
+from models.devices import resolve_device
 from models.weights import FORMAT_VERSION
 from training import distributed
 from training.checkpoint import checkpoint_config, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -120,12 +121,6 @@ class RunState:
     epoch: int = 0  # epochs of ``stage`` completed
     best_map: float = -1.0
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_networks(config: TrainConfig, device: torch.device, train_pids: Sequence[int] | None = None) -> Networks:

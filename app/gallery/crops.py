@@ -22,19 +22,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from app.db import Entry
+from models.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
 GRACE_S = 60.0  # one process: an upload on its way in is younger than this
 REPLICA_GRACE_S = 6 * 3600.0  # replicas: another process's upload, and its commit, are done well within hours
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CropStore:
@@ -58,14 +51,8 @@ class CropStore:
         try:
             os.utime(path)  # an existing file: its age restarts, so no sweep takes it from this upload
         except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            with tmp.open("wb") as f:
-                image.save(f, format="PNG")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)  # the name survives a power cut like the row that will point to it
+            with atomic_path(path, durable=True) as tmp:  # it survives a power cut like the row pointing to it
+                image.save(tmp, format="PNG")
         return digest, relative
 
     def release(self, relatives: Iterable[str]) -> None:

@@ -39,6 +39,16 @@ def test_a_foreign_model_stops_the_process_with_the_reason(
     assert "fingerprint" in done.stderr and "reid-admin reembed" in done.stderr, done.stderr[-3000:]
 
 
+def test_a_missing_weights_file_stops_the_process_with_one_sentence(tmp_path: Path) -> None:
+    """Compose fixes REID_WEIGHTS: a stack started before the file is copied must say so, not print a traceback."""
+    server = Server(tmp_path / "data", tmp_path / "weights" / "reid.safetensors", tmp_path / "server.log")
+    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(free_port())]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=server.env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert f"start-up failed: weights file {tmp_path}/weights/reid.safetensors does not exist" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     ("update", "error", "message"),
     [

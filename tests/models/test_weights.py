@@ -150,3 +150,37 @@ def test_atomic_path_without_overwrite_keeps_the_first_file(tmp_path: Path):
     with atomic_path(path) as tmp:  # the default replaces
         tmp.write_bytes(b"third")
     assert path.read_bytes() == b"third"
+
+
+def test_durable_atomic_path_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path: Path, monkeypatch):
+    import os
+
+    import models.files
+
+    path = tmp_path / "index.bin"
+    synced: list[tuple[str, bool]] = []  # (what was synced, did `path` exist then)
+
+    def fsync_path(target) -> None:
+        synced.append((Path(target).name, path.exists()))
+
+    monkeypatch.setattr(models.files, "fsync_path", fsync_path)
+    with atomic_path(path, durable=True) as tmp:
+        tmp.write_bytes(b"data")
+    assert synced == [(tmp.name, False), (tmp_path.name, True)]
+    assert path.read_bytes() == b"data" and not tmp.exists()
+    with pytest.raises(RuntimeError), atomic_path(path, durable=True) as tmp:  # a failed write: nothing replaced
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer died")
+    assert path.read_bytes() == b"data" and sorted(os.listdir(tmp_path)) == ["index.bin"]
+
+
+def test_resolve_device_refuses_cuda_where_there_is_none(monkeypatch):
+    import torch
+
+    from models.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda:1")
