@@ -2,15 +2,14 @@
 
 reid-admin migrate             # apply the database migrations (else the service applies them at start-up)
 reid-admin reembed             # recompute every template under REID_WEIGHTS, then switch the gallery to them
+reid-admin ingest --tracks T --frames F --camera C   # send a tracker's tracks to a running service (POST /sightings)
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-
-from app.config import load_settings
-from app.db import make_engine
+import os
 
 logger = logging.getLogger("app.admin")
 
@@ -25,13 +24,32 @@ def build_parser() -> argparse.ArgumentParser:
         "gallery's model fingerprint in one step; on SQLite stop the service first",
     )
     reembed.add_argument("--batch-size", type=int, default=64, help="crops per forward pass (default %(default)s)")
+    from app.ingest import add_arguments
+
+    ingest = commands.add_parser(
+        "ingest",
+        help="send a tracker's MOTChallenge tracks to a running service (POST /sightings): the best crops of each "
+        "track cut from its image folder or video, resumable; an HTTP client, needing neither database nor model",
+    )
+    add_arguments(ingest)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if args.command == "ingest":  # a client of a running service: no REID_* settings, database or torch here
+        from app.ingest import run
+
+        level = os.environ.get("REID_LOG_LEVEL", "INFO").upper()
+        logging.basicConfig(level=level if level in logging.getLevelNamesMapping() else "INFO", format=log_format)
+        return run(args)
+    # Imported here: the settings import the model's package (torch), which ingest must not wait for.
+    from app.config import load_settings
+    from app.db import make_engine
+
     settings = load_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format=log_format)
     engine = make_engine(settings.sqlalchemy_url, settings.db_connect_timeout_s)
     try:
         if args.command == "migrate":

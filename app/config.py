@@ -119,6 +119,19 @@ class Settings(BaseSettings):
     threshold_fmr: float = Field(
         0.01, gt=0, lt=1, description="default query threshold: the weights' calibrated one at this false-match rate"
     )
+    join_threshold: float | None = Field(
+        None,
+        ge=0,
+        description="L2 distance under which an unnamed sighting joins a person or identity (POST /sightings); "
+        "default: the weights' calibrated query threshold; weights without one: each tracklet starts a person",
+    )
+    tracklet_aggregation: Literal["mean", "quality"] = Field(
+        "mean",
+        description="a tracklet's template: the mean of its crops' templates, or weighted by box area x confidence",
+    )
+    track_gap_s: float = Field(
+        600.0, gt=0, description="a sighting's track continues an earlier one of its camera this recently seen (s)"
+    )
     request_timeout_s: float = Field(60.0, gt=0)
     db_connect_timeout_s: int = Field(5, ge=1)
     cors_origins: str = Field("", description="comma-separated allowed origins; empty = CORS off")

@@ -26,6 +26,15 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 OP_ADD = "add"
 OP_DELETE = "delete"
 OP_REEMBED = "reembed"
+# What a person (reid_people) is: grouped sightings awaiting review, named by an operator, not a person, or
+# merged into another.
+PERSON_PROVISIONAL = "provisional"
+PERSON_NAMED = "named"
+PERSON_IGNORED = "ignored"
+PERSON_MERGED = "merged"
+# The identity a provisional person's sightings carry (search answers show it): "unknown-42" for person 42.
+# POST /gallery refuses identities of this form.
+UNNAMED_PREFIX = "unknown-"
 # PostgreSQL NOTIFY channel on which writers announce a change (delivered when their transaction commits).
 NOTIFY_CHANNEL = "reid_changes"
 # Keys of reid_meta.
@@ -79,6 +88,10 @@ class Entry(Base):
     embedding: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian, feat_dim values
     # A re-embed's new template, staged until every entry has one (then swapped in one transaction).
     embedding_next: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
+    # A sighting (enrolled without a name, POST /sightings): the person it is grouped into, and its tracklet (the
+    # tracker's id, one camera); both None for crops enrolled under a name (POST /gallery).
+    person_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
+    track: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class Change(Base):
@@ -93,6 +106,23 @@ class Change(Base):
     op: Mapped[str] = mapped_column(String(16))
     entry_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime(), default=_now)
+
+
+class Person(Base):
+    """Someone seen but not enrolled: the sightings grouped together. ``provisional`` until an operator names it
+    (``named``: its sightings carry the name as their identity), marks it ``ignored`` (not a person), or merges it
+    into another (``merged``, ``merged_into`` says where). Its id is its label while it has no name, and stays
+    the same across re-groupings."""
+
+    __tablename__ = "reid_people"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    status: Mapped[str] = mapped_column(String(16), index=True, default=PERSON_PROVISIONAL)
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    merged_into: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=_now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=_now)
 
 
 class GalleryMeta(Base):

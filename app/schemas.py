@@ -152,3 +152,75 @@ class Problem(BaseModel):
     detail: str = Field(description="what was wrong and what is allowed", examples=["no gallery entry with id 7"])
     code: str = Field(description="stable machine-readable code", examples=["entry_not_found"])
     errors: list[dict[str, Any]] | None = Field(None, description="validation errors (422 only): loc, msg, type")
+
+
+class TrackletOut(BaseModel):
+    camera: str = Field(description="the tracklet's camera", examples=["c1"])
+    track: str | None = Field(None, description="the tracker's id (none: a crop sent alone)", examples=["17"])
+    identity: str = Field(
+        description="who it was grouped with: a name, or a provisional person's label", examples=["unknown-42"]
+    )
+    person: int | None = Field(None, description="the person (GET /people/{id}); none: an identity enrolled by name")
+    joined: Literal["track", "match", "new"] = Field(
+        description="track: its track was already seen on this camera; match: nearest under the join threshold; "
+        "new: nobody matched, a provisional person was started",
+        examples=["match"],
+    )
+    distance: float | None = Field(None, description="L2 distance to what it joined (match only)", examples=[3.1])
+    entries: list[int] = Field(description="the entries made of its crops, in file order", examples=[[101, 102]])
+
+
+class SightingsResult(BaseModel):
+    tracklets: list[TrackletOut] = Field(description="one per tracklet, in order of each one's first file")
+    threshold: float | None = Field(
+        None, description="the join threshold used (none: no weights' calibration, every tracklet new or continued)"
+    )
+    threshold_source: str | None = Field(
+        None, description='"REID_JOIN_THRESHOLD", "weights (FMR 0.01, val)" or none', examples=["weights (FMR 0.01)"]
+    )
+
+
+class CameraSeen(BaseModel):
+    camera: str | None = Field(None, description="camera", examples=["c2"])
+    sightings: int = Field(description="crops on this camera", examples=[5])
+    first_seen: datetime = Field(description="earliest capture time on it (UTC)")
+    last_seen: datetime = Field(description="latest capture time on it (UTC)")
+    thumbnail: int = Field(description="an entry on this camera (GET /gallery/{id}/image)", examples=[101])
+
+
+class PersonOut(BaseModel):
+    id: int = Field(description="person id: stable across re-groupings", examples=[42])
+    identity: str = Field(description="its sightings' identity: its name, or unknown-<id>", examples=["unknown-42"])
+    status: Literal["provisional", "named", "ignored", "merged"] = Field(
+        description="provisional: awaiting review; named; ignored: not a person; merged into another",
+        examples=["provisional"],
+    )
+    merged_into: int | None = Field(None, description="where its sightings went (status merged)")
+    sightings: int = Field(description="crops grouped into it", examples=[12])
+    tracks: int = Field(description="distinct (camera, track) pairs among them", examples=[3])
+    first_seen: datetime | None = Field(None, description="earliest capture time (UTC)")
+    last_seen: datetime | None = Field(None, description="latest capture time (UTC)")
+    cameras: list[CameraSeen] = Field(default_factory=list, description="per camera, most recent first")
+
+
+class Visit(BaseModel):
+    camera: str | None = Field(None, description="camera", examples=["c2"])
+    first_seen: datetime = Field(description="start of the visit (UTC)")
+    last_seen: datetime = Field(description="end of the visit (UTC)")
+    sightings: int = Field(description="crops in the visit", examples=[4])
+    entries: list[int] = Field(description="the visit's entries, by time")
+
+
+class Timeline(BaseModel):
+    person: PersonOut
+    visits: list[Visit] = Field(
+        description="consecutive sightings on one camera, split where the camera changes or REID_VISIT_GAP_S passes "
+        "without one; by time"
+    )
+
+
+class PeopleCount(BaseModel):
+    people: int = Field(description="distinct people (named or provisional, not ignored) seen", examples=[17])
+    cameras: list[str] | None = Field(None, description="the cameras counted (none: all)")
+    after: datetime | None = Field(None, description="from (inclusive)")
+    before: datetime | None = Field(None, description="until (exclusive)")

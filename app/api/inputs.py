@@ -16,6 +16,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
+from app.db import UNNAMED_PREFIX
 from app.errors import ApiError
 
 MAX_IDENTITY_LENGTH = 200
@@ -167,3 +168,22 @@ def check_identity(value: str) -> str:
 def check_camera(value: str) -> str:
     """A camera name: up to 100 characters, printable (422 ``invalid_camera``); empty stays "no camera"."""
     return _check_label(value, "camera", "invalid_camera", MAX_CAMERA_LENGTH)
+
+
+def check_track(value: str) -> str:
+    """A tracker's track id: up to 200 characters, printable (422 ``invalid_track``)."""
+    return _check_label(value, "track", "invalid_track", MAX_IDENTITY_LENGTH)
+
+
+def check_new_identity(value: str) -> str:
+    """An identity a client gives: as ``check_identity``, and not of the form the service's provisional people
+    carry (``unknown-42``), which would mix the client's crops into person 42."""
+    check_identity(value)
+    if re.fullmatch(re.escape(UNNAMED_PREFIX) + r"[0-9]+", value):
+        raise ApiError(
+            422,
+            "reserved_identity",
+            f"identity {value!r} has the form of a provisional person's label ({UNNAMED_PREFIX}<id>); "
+            "name that person with POST /people/{id}/name, or choose another identity",
+        )
+    return value

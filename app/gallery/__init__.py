@@ -10,17 +10,19 @@ from app.columns import EntryFilter
 from app.faults import ModelMismatch
 from app.gallery.binding import mismatch_message
 from app.gallery.changelog import WRITE_LOCK
-from app.gallery.core import Enrolled, Gallery
+from app.gallery.core import BeforeInsert, Enrolled, Gallery, NewEntry
 from app.gallery.locks import lock_data_dir
 from app.gallery.state import EntrySummary
 
 __all__ = [
     "WRITE_LOCK",
+    "BeforeInsert",
     "Enrolled",
     "EntryFilter",
     "EntrySummary",
     "Gallery",
     "ModelMismatch",
+    "NewEntry",
     "lock_data_dir",
     "mismatch_message",
 ]

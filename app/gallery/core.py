@@ -62,6 +62,23 @@ IDEMPOTENCY_TTL = timedelta(hours=24)  # how long a key's answer is kept (Stripe
 
 
 @dataclass
+class NewEntry:
+    """What an enrolment says of one crop besides its picture and template."""
+
+    identity: str
+    camera: str | None
+    meta: dict[str, Any]
+    captured_at: datetime | None = None  # None: the commit's time
+    person_id: int | None = None  # sightings only: the person it is grouped into
+    track: str | None = None  # sightings only: the tracker's id of its tracklet
+
+
+# Called inside an enrolment's transaction before the entries are inserted: may add rows (new people) and fill
+# the NewEntry fields that depend on them, so that all of it commits or none.
+BeforeInsert = Callable[[Session, list[NewEntry]], None]
+
+
+@dataclass
 class Enrolled:
     """What an enrolment gave: its entries, or (a retried Idempotency-Key) the first answer, as sent then."""
 
@@ -293,6 +310,15 @@ class Gallery:
         finally:
             self.write_lock.release()
 
+    @contextlib.contextmanager
+    def relabelling(self) -> Iterator[Session]:
+        """A transaction that holds the writers' locks (this process's and the database's) for a change that
+        touches no template, so leaves the index alone: entries' identities, people. No enrolment runs
+        meanwhile, so none can join a person that this transaction merges away."""
+        with self._writing(), self.sessions() as session, session.begin():
+            changelog.lock_writers(session, self.postgres, self.write_lock_timeout_s)
+            yield session
+
     def _begin_write(self, session: Session) -> str | None:
         """In a write transaction, before any change: serialise writers, check the model binding; why the index
         no longer belongs to this database (then the write's changes are not applied to it: it is rebuilt)."""
@@ -379,19 +405,18 @@ class Gallery:
 
     def enroll(
         self,
-        identity: str,
-        camera: str | None,
-        meta: dict[str, Any],
+        new: Sequence[NewEntry],
         uploads: Sequence[tuple[bytes, Image.Image]],
         vectors: np.ndarray,
-        captured_at: datetime | None = None,
         *,
         idempotency_key: str | None = None,
         request_sha256: str = "",
         answer: Callable[[list[Entry]], str] | None = None,
+        before_insert: BeforeInsert | None = None,
     ) -> Enrolled:
-        """Store the crops and enrol them (one call, one thread-pool hop); acknowledged once committed. With an
-        ``idempotency_key``, ``answer(entries)`` is committed with the entries and a retry gets it back."""
+        """Store the crops and enrol them, ``new[i]`` saying what ``uploads[i]`` is (one call, one thread-pool
+        hop); acknowledged once committed. With an ``idempotency_key``, ``answer(entries)`` is committed with the
+        entries and a retry gets it back."""
         if idempotency_key is not None:
             previous = self.idempotent_answer(idempotency_key, request_sha256)
             if previous is not None:
@@ -401,15 +426,13 @@ class Gallery:
             digest, relative = self.crops.store(data, image)
             crops.append((digest, relative, image.width, image.height))
         return self._add(
-            identity,
-            camera,
-            meta,
+            list(new),
             crops,
             vectors,
-            captured_at,
             idempotency_key=idempotency_key,
             request_sha256=request_sha256,
             answer=answer,
+            before_insert=before_insert,
         )
 
     def idempotent_answer(self, key: str, request_sha256: str, session: Session | None = None) -> str | None:
@@ -434,30 +457,30 @@ class Gallery:
         vectors: np.ndarray,
         captured_at: datetime | None = None,
     ) -> list[Entry]:
-        """Enroll crops stored by ``store_crop`` (digest, relative path, width, height) with their templates;
-        acknowledged once committed."""
-        return self._add(identity, camera, meta, crops, vectors, captured_at).entries
+        """Enroll crops of one identity stored by ``store_crop`` (digest, relative path, width, height) with their
+        templates; acknowledged once committed."""
+        new = [NewEntry(identity, camera, meta, captured_at) for _ in crops]
+        return self._add(new, crops, vectors).entries
 
     def _add(
         self,
-        identity: str,
-        camera: str | None,
-        meta: dict[str, Any],
+        new: list[NewEntry],
         crops: list[tuple[str, str, int, int]],
         vectors: np.ndarray,
-        captured_at: datetime | None = None,
         *,
         idempotency_key: str | None = None,
         request_sha256: str = "",
         answer: Callable[[list[Entry]], str] | None = None,
+        before_insert: BeforeInsert | None = None,
     ) -> Enrolled:
         # The crops' holds (``store_crop``) are released here, committed or not.
         try:
             vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(crops), -1)
             if vectors.shape[1] != self.dim:
                 raise ValueError(f"templates of {vectors.shape[1]} values; this gallery holds {self.dim}-d ones")
+            if len(new) != len(crops):
+                raise ValueError(f"{len(new)} entries described for {len(crops)} crops")
             now = datetime.now(UTC)
-            captured = captured_at or now
             with self._writing():
                 with self.sessions() as session, session.begin():
                     foreign = self._begin_write(session)
@@ -465,20 +488,24 @@ class Gallery:
                         previous = self.idempotent_answer(idempotency_key, request_sha256, session)
                         if previous is not None:  # the first request committed meanwhile
                             return Enrolled([], previous)
+                    if before_insert is not None:
+                        before_insert(session, new)
                     entries = [
                         Entry(
-                            identity=identity,
-                            camera=camera,
-                            meta=meta,
+                            identity=item.identity,
+                            camera=item.camera,
+                            meta=item.meta,
                             created_at=now,
-                            captured_at=captured,
+                            captured_at=item.captured_at or now,
                             content_sha256=digest,
                             crop_path=relative,
                             width=width,
                             height=height,
                             embedding=np.asarray(vector, dtype="<f4").tobytes(),
+                            person_id=item.person_id,
+                            track=item.track,
                         )
-                        for (digest, relative, width, height), vector in zip(crops, vectors, strict=True)
+                        for item, (digest, relative, width, height), vector in zip(new, crops, vectors, strict=True)
                     ]
                     session.add_all(entries)
                     session.flush()
@@ -487,8 +514,8 @@ class Gallery:
                         body = answer(entries) if answer is not None else ""
                         session.add(IdempotentAnswer(key=idempotency_key, request_sha256=request_sha256, body=body))
                 ids = np.array([e.id for e in entries], dtype=np.int64)
-                captured_us = np.full(len(ids), to_microseconds(captured), np.int64)
-                self._committed(foreign, OP_ADD, changes, ids, vectors, [camera] * len(ids), captured_us)
+                captured_us = np.array([to_microseconds(e.captured_at) for e in entries], np.int64)
+                self._committed(foreign, OP_ADD, changes, ids, vectors, [e.camera for e in entries], captured_us)
                 return Enrolled(entries)
         finally:
             self.crops.release(relative for _, relative, _, _ in crops)

@@ -18,7 +18,7 @@ from sqlalchemy import select, text
 
 from app.db import Entry, make_engine
 from app.faults import WriteBusy, fatal_reason, is_busy
-from app.gallery import Gallery
+from app.gallery import Gallery, NewEntry
 from app.gallery.changelog import WRITE_LOCK
 from tests.app.conftest import png_bytes
 
@@ -207,7 +207,7 @@ def test_a_picture_enrolled_while_another_entry_of_it_is_deleted_keeps_its_crop(
     galleries.append(gallery)
     data = png_bytes(7)
     image = Image.open(io.BytesIO(data)).convert("RGB")
-    [first] = gallery.enroll("a", None, {}, [(data, image)], unit(1)[None]).entries
+    [first] = gallery.enroll([NewEntry("a", None, {})], [(data, image)], unit(1)[None]).entries
     path = gallery.data_dir / first.crop_path
     # The interleaving that lost crops: an upload of the same picture stored (the file exists already), then the
     # other entry deleted, then the upload committed.
@@ -223,7 +223,7 @@ def test_a_picture_enrolled_while_another_entry_of_it_is_deleted_keeps_its_crop(
     def churn() -> None:
         try:
             while not stop.is_set():
-                [entry] = gallery.enroll("c", None, {}, [(data, image)], unit(3)[None]).entries
+                [entry] = gallery.enroll([NewEntry("c", None, {})], [(data, image)], unit(3)[None]).entries
                 gallery.delete([entry.id])
         except BaseException as exc:
             errors.append(exc)
@@ -232,7 +232,7 @@ def test_a_picture_enrolled_while_another_entry_of_it_is_deleted_keeps_its_crop(
     thread.start()
     try:
         for i in range(30):
-            [entry] = gallery.enroll(f"d{i}", None, {}, [(data, image)], unit(4)[None]).entries
+            [entry] = gallery.enroll([NewEntry(f"d{i}", None, {})], [(data, image)], unit(4)[None]).entries
             assert (gallery.data_dir / entry.crop_path).exists()
             gallery.delete([entry.id])
     finally:

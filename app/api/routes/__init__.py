@@ -2,9 +2,18 @@
 
 from fastapi import APIRouter
 
-from app.api.routes import embed, gallery, identities, mask, ops, query
+from app.api.routes import embed, gallery, identities, mask, ops, people, query, sightings
 
-KEYED: list[APIRouter] = [gallery.router, identities.router, query.router, embed.router, mask.router, ops.router]
+KEYED: list[APIRouter] = [
+    gallery.router,
+    sightings.router,
+    people.router,
+    identities.router,
+    query.router,
+    embed.router,
+    mask.router,
+    ops.router,
+]
 OPEN: list[APIRouter] = [ops.health_router]
 
 __all__ = ["KEYED", "OPEN"]

@@ -27,11 +27,12 @@ from app.api.inputs import (
     MetadataLimits,
     check_camera,
     check_identity,
+    check_new_identity,
     parse_metadata,
 )
 from app.db import Entry
 from app.errors import ApiError, problem_responses
-from app.gallery import Gallery
+from app.gallery import Gallery, NewEntry
 from app.images import Upload
 from app.schemas import DeleteResult, EntryOut, EntryPage
 
@@ -154,7 +155,7 @@ async def enroll(
     request whose answer was lost (a timeout, a dropped connection) is answered as the first one was, with
     ``Idempotent-Replayed: true``, whether or not the first was still running when it timed out."""
     settings = state.settings
-    check_identity(identity)
+    check_new_identity(identity)
     camera = check_camera(camera) if camera else None
     limits = MetadataLimits(settings.max_metadata_bytes, settings.max_metadata_depth, settings.max_metadata_keys)
     meta = parse_metadata(metadata, limits)
@@ -171,12 +172,9 @@ async def enroll(
     vectors = await templates_of(state, [u.image for u in loaded])
     enrolled = await run_in_threadpool(
         gallery.enroll,
-        identity,
-        camera,
-        meta,
+        [NewEntry(identity, camera, meta, captured_at) for _ in loaded],
         [(u.data, u.image) for u in loaded],
         vectors,
-        captured_at,
         idempotency_key=idempotency_key,
         request_sha256=fingerprint,
         answer=lambda entries: json.dumps([entry_out(e).model_dump(mode="json") for e in entries]),
