@@ -34,13 +34,24 @@ class Match(BaseModel):
     camera: str | None = Field(None, description="its camera", examples=["c2"])
     captured_at: datetime = Field(description="when its crop was taken (UTC)", examples=["2026-01-01T11:58:03Z"])
     distance: float = Field(description="Euclidean (not squared) L2 distance between templates", examples=[3.2])
-    similarity: float = Field(description="1 / (1 + distance), in (0, 1]; 1 = identical", examples=[0.24])
+    similarity: float = Field(
+        description="a score in [0, 1], higher = more alike; what it means is the result's `similarity_meaning`: "
+        "1 - false_match_rate with calibrated weights, else 1 / (1 + distance)",
+        examples=[0.998],
+    )
+    false_match_rate: float | None = Field(
+        None,
+        description="share of pairs of different people (the weights' calibration split) at this distance or closer: "
+        "how often a stranger comes this close; none when the weights carry no calibration curve",
+        examples=[0.002],
+    )
 
 
 class IdentityMatch(BaseModel):
     identity: str = Field(description="identity label", examples=["0001"])
     distance: float = Field(description="best (smallest) L2 distance among its matching entries", examples=[3.2])
-    similarity: float = Field(description="1 / (1 + distance)", examples=[0.24])
+    similarity: float = Field(description="its best match's similarity", examples=[0.998])
+    false_match_rate: float | None = Field(None, description="its best match's false-match rate", examples=[0.002])
     hits: int = Field(description="how many of the top-k matches are this identity", examples=[3])
     match: bool = Field(description="false when the distance is over the threshold", examples=[True])
 
@@ -57,6 +68,9 @@ class QueryResult(BaseModel):
         None,
         description='where the threshold came from: "request", "weights (FMR 0.01, val)" (calibrated), or none',
         examples=["weights (FMR 0.01, val)"],
+    )
+    similarity_meaning: str = Field(
+        description="what `similarity` is here: 1 - the false-match rate (calibrated weights), or 1 / (1 + distance)"
     )
     mask_png_base64: str | None = Field(None, description="the query's attention mask (include_mask=true)")
 
@@ -212,7 +226,7 @@ class Visit(BaseModel):
 
 
 class Timeline(BaseModel):
-    person: PersonOut
+    person: PersonOut = Field(description="the person, as GET /people lists them")
     visits: list[Visit] = Field(
         description="consecutive sightings on one camera, split where the camera changes or REID_VISIT_GAP_S passes "
         "without one; by time"

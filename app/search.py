@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -18,13 +19,60 @@ Track = Literal["none", "mean", "min"]
 TRACKS: tuple[Track, ...] = ("none", "mean", "min")
 
 
-def similarity(distance: float) -> float:
-    """1 / (1 + d) for the Euclidean distance d: 1 for identical templates, towards 0 far away."""
-    return 1.0 / (1.0 + distance)
+INVERSE_DISTANCE = "1 / (1 + distance): not calibrated (the weights carry no false-match curve)"
+ONE_MINUS_FMR = (
+    "1 - the false-match rate at this distance: the share of pairs of different people, on the weights' "
+    "calibration split, that lie farther apart (0.999: one stranger in a thousand comes this close)"
+)
+
+
+@dataclass(frozen=True)
+class ScoreCurve:
+    """The weights' false-match rate as a function of distance (training's ``fmr_curve``), read from the weights'
+    provenance. A score an operator can read: 1/(1+d) puts a true match and a stranger both near 0.03 when every
+    distance that matters lies between 25 and 35."""
+
+    distances: np.ndarray  # ascending
+    log_fmrs: np.ndarray  # log10 of the false-match rate at each distance
+    split: str
+
+    @classmethod
+    def from_provenance(cls, provenance: dict[str, Any]) -> ScoreCurve | None:
+        curve = provenance.get("fmr_curve")
+        if not isinstance(curve, list) or len(curve) < 2:
+            return None
+        try:
+            points = np.array([[float(d), float(f)] for d, f in curve], dtype=np.float64)
+        except (TypeError, ValueError):
+            return None
+        if not np.isfinite(points).all() or (points[:, 1] <= 0).any() or (np.diff(points[:, 0]) < 0).any():
+            return None
+        split = provenance.get("threshold_split")
+        return cls(points[:, 0], np.log10(points[:, 1]), split if isinstance(split, str) else "")
+
+    def false_match_rate(self, distance: float) -> float:
+        """Interpolated in log space; under the curve's smallest distance, the rate there (an upper bound: the
+        split had too few pairs to say less); past its largest, 1."""
+        if distance >= self.distances[-1]:
+            return 1.0
+        return float(10 ** np.interp(distance, self.distances, self.log_fmrs))
+
+    def similarity(self, distance: float) -> float:
+        return 1.0 - self.false_match_rate(distance)
+
+
+def similarity(distance: float, curve: ScoreCurve | None = None) -> float:
+    """The calibrated score (ONE_MINUS_FMR) where the weights carry a curve, else INVERSE_DISTANCE."""
+    return curve.similarity(distance) if curve is not None else 1.0 / (1.0 + distance)
 
 
 def search(
-    gallery: Gallery, vectors: np.ndarray, top_k: int, where: EntryFilter | None = None, track: Track = "none"
+    gallery: Gallery,
+    vectors: np.ndarray,
+    top_k: int,
+    where: EntryFilter | None = None,
+    track: Track = "none",
+    curve: ScoreCurve | None = None,
 ) -> list[list[Match]]:
     """The ``top_k`` nearest entries, nearest first: per query vector (``track="none"``), or one ranking for all
     the vectors as crops of one tracklet: from their mean template (``"mean"``) or by each entry's best distance
@@ -65,7 +113,8 @@ def search(
                     camera=summary.camera,
                     captured_at=summary.captured_at,
                     distance=distance,
-                    similarity=similarity(distance),
+                    similarity=similarity(distance, curve),
+                    false_match_rate=curve.false_match_rate(distance) if curve is not None else None,
                 )
             )
         results.append(matches)
@@ -81,6 +130,7 @@ def identities(matches: list[Match], threshold: float | None) -> list[IdentityMa
                 identity=m.identity,
                 distance=m.distance,
                 similarity=m.similarity,
+                false_match_rate=m.false_match_rate,
                 hits=0,
                 match=threshold is None or m.distance <= threshold,
             )

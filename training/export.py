@@ -60,6 +60,24 @@ def networks_from_run(
     return extractor.eval(), mask_generator.eval() if mask_generator else None, provenance
 
 
+# False-match rates at which the curve records a distance: log-spaced, so that the rare-stranger end an operator
+# decides on (1e-4..1e-2) is as fine as the common one.
+CURVE_FMRS = tuple(float(f) for f in np.round(np.logspace(-4, 0, 41), 8))
+
+
+def fmr_curve(impostor: np.ndarray) -> list[list[float]]:
+    """``[[distance, fmr], ...]`` ascending: the share ``fmr`` of impostor pairs at or under ``distance``, at the
+    CURVE_FMRS levels the pairs resolve (a level under one pair in all is left out). The service turns a match's
+    distance into its false-match rate with it (app.search.ScoreCurve)."""
+    ordered = np.sort(np.asarray(impostor, dtype=np.float64))
+    curve = []
+    for fmr in CURVE_FMRS:
+        count = int(np.floor(fmr * len(ordered)))
+        if count >= 1:
+            curve.append([float(ordered[count - 1]), count / len(ordered)])
+    return curve
+
+
 def threshold_provenance(
     extractor: FeatureExtractor,
     query: Iterable,
@@ -80,6 +98,7 @@ def threshold_provenance(
     logger.info("thresholds on val (%d genuine, %d impostor pairs): %s", len(genuine), len(impostor), thresholds)
     return {
         "thresholds": thresholds,
+        "fmr_curve": fmr_curve(impostor),
         "threshold_split": "val",
         "threshold_pairs": {"genuine": len(genuine), "impostor": len(impostor)},
     }

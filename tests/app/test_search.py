@@ -14,7 +14,8 @@ import pytest
 from app.db import make_engine
 from app.gallery import EntryFilter, Gallery
 from app.index import GPU_MAX_K, VectorIndex
-from app.search import search, weights_threshold
+from app.search import ScoreCurve, search, similarity, weights_threshold
+from training.export import fmr_curve
 
 DIM = 8
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -154,3 +155,19 @@ def test_default_threshold_from_the_weights_provenance() -> None:
     assert weights_threshold({}, 0.01) is None
     assert weights_threshold({"thresholds": "nonsense"}, 0.01) is None
     assert weights_threshold({"thresholds": [{"fmr": 0.01, "distance": "x"}, {"fmr": 0.01}]}, 0.01) is None
+
+
+def test_the_score_is_one_minus_the_false_match_rate_of_the_weights_curve() -> None:
+    """Impostor distances spread 25..35 (the strong weights' range): 1/(1+d) would give 0.03 to all of them; the
+    calibrated score separates a close pair from a stranger's typical distance."""
+    impostor = np.random.default_rng(0).uniform(25.0, 35.0, 100_000)
+    curve = ScoreCurve.from_provenance({"fmr_curve": fmr_curve(impostor), "threshold_split": "val"})
+    assert curve is not None
+    for distance in (25.5, 27.0, 30.0, 34.0):
+        assert curve.false_match_rate(distance) == pytest.approx(np.mean(impostor <= distance), rel=0.1)
+    assert curve.false_match_rate(40.0) == 1.0 and similarity(40.0, curve) == 0.0
+    assert curve.false_match_rate(10.0) == pytest.approx(1e-4, rel=0.01)  # the curve's floor: an upper bound
+    assert similarity(26.0, curve) > 0.85 > 0.15 > similarity(34.0, curve)
+    assert similarity(3.0) == 0.25  # without a curve: 1 / (1 + d)
+    for broken in ({}, {"fmr_curve": [[1.0, 0.5]]}, {"fmr_curve": [[2.0, 0.1], [1.0, 0.5]]}, {"fmr_curve": "x"}):
+        assert ScoreCurve.from_provenance(broken) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.engine import extract_features
 from training.evaluation import calibrate_thresholds, pair_distances
-from training.export import export_onnx, export_weights, onnx_max_difference, val_loaders
+from training.export import export_onnx, export_weights, fmr_curve, onnx_max_difference, val_loaders
 
 SMALL = ModelConfig(backbone="resnet18", input_height=64, input_width=32, feat_dim=64, unet_base_width=4, unet_levels=3)
 
@@ -69,6 +70,11 @@ def test_export_takes_the_last_checkpoint_and_calibrates_thresholds_in_the_serve
     genuine, impostor = pair_distances(qf, gf, q_pids, g_pids, q_camids, g_camids)
     assert provenance["thresholds"] == calibrate_thresholds(genuine, impostor, (0.01, 0.001))
     assert provenance["threshold_pairs"] == {"genuine": len(genuine), "impostor": len(impostor)} and len(genuine)
+    # The false-match curve the service scores with: each point's rate is its share of impostor pairs.
+    curve = provenance["fmr_curve"]
+    assert curve == fmr_curve(impostor) and len(curve) >= 2
+    for distance, fmr in curve:
+        assert fmr == pytest.approx(float(np.mean(impostor <= distance)), abs=1.0 / len(impostor))
 
     best = export_weights(run, tmp_path / "best.safetensors", which="best", calibrate=False)
     _, provenance, has_mask = read_metadata(best)

@@ -28,7 +28,7 @@ from app.errors import ApiError, problem_responses
 from app.gallery import EntryFilter
 from app.rendering import render_mask
 from app.schemas import QueryResponse, QueryResult
-from app.search import Track, identities, search, weights_threshold
+from app.search import INVERSE_DISTANCE, ONE_MINUS_FMR, ScoreCurve, Track, identities, search, weights_threshold
 
 router = APIRouter(
     prefix="/query",
@@ -120,7 +120,8 @@ async def query(
     loaded = await uploads(state, file)
     images = [u.image for u in loaded]
     vectors = await templates_of(state, images)
-    ranked = await run_in_threadpool(search, gallery, vectors, top_k, where, track)
+    curve = ScoreCurve.from_provenance(embedder.provenance) if embedder.trained else None
+    ranked = await run_in_threadpool(search, gallery, vectors, top_k, where, track, curve)
     masks: list[str | None] = [None] * len(ranked)
     if include_mask:
         pictures = await masks_of(state, images)  # one batched pass for all the files
@@ -140,6 +141,7 @@ async def query(
                 identities=identities(matches, threshold),
                 threshold=threshold,
                 threshold_source=source,
+                similarity_meaning=ONE_MINUS_FMR if curve is not None else INVERSE_DISTANCE,
                 mask_png_base64=mask,
             )
             for name, matches, mask in zip(names, ranked, masks, strict=True)
