@@ -24,6 +24,8 @@ from app.embedder import Embedder
 from app.errors import install_error_handlers
 from app.faults import WriteBusy, fatal_reason
 from app.gallery import Gallery
+from app.regroup import regroup
+from app.sightings import join_threshold
 from app.ui import install_ui
 
 logger = logging.getLogger(__name__)
@@ -59,7 +61,9 @@ def refuse_to_start(reason: BaseException) -> NoReturn:
     os._exit(1)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, entry_point: bool = False) -> FastAPI:
+    """The service. ``entry_point``: this process serves only it (``app.main:app``, ``reid-serve``), so a setting
+    that cannot work ends the process with one sentence; elsewhere (tests, benches) the error is raised."""
     settings = settings or load_settings()
     _log_to_stderr(settings.log_level.upper())
     state = State(settings)
@@ -70,7 +74,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             embedder = await run_in_threadpool(Embedder.from_settings, settings)
         except (FileNotFoundError, ValueError) as exc:  # a setting names a missing file, a bad one, no CUDA
-            refuse_to_start(exc)
+            if entry_point:
+                refuse_to_start(exc)
+            raise
         await run_in_threadpool(embedder.warm_up)
         state.embedder = embedder
         engine = make_engine(settings.sqlalchemy_url, settings.db_connect_timeout_s)
@@ -94,10 +100,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     logger.error("%s at start-up; retrying in 2 s", exc)
                     await asyncio.sleep(2.0)
             gallery.start_background()
+            if settings.regroup_interval_s > 0:
+                background.append(asyncio.ensure_future(regroup_periodically(gallery)))
             state.gallery = gallery
             state.metrics.size.set(len(gallery))
             state.ready = True
             logger.info("ready: %d gallery entries, %s on %s", len(gallery), embedder.backend_name, embedder.device)
+
+        background: list[asyncio.Future[None]] = []
+
+        async def regroup_periodically(gallery: Gallery) -> None:
+            threshold, source = join_threshold(settings, embedder.provenance, embedder.trained)
+            if threshold is None:
+                logger.warning("sightings are not re-grouped: no join threshold (set REID_JOIN_THRESHOLD)")
+                return
+            while True:
+                await asyncio.sleep(settings.regroup_interval_s)
+                try:
+                    await run_in_threadpool(regroup, gallery, threshold)
+                except Exception:  # the next run tries again; a failed database is the worker's to report
+                    logger.exception("re-grouping failed (threshold %g from %s)", threshold, source)
 
         opener = asyncio.ensure_future(open_gallery())
         await asyncio.wait([opener], timeout=settings.db_connect_timeout_s * 2)  # usually done at once
@@ -114,6 +136,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             state.ready = False
             opener.cancel()
+            for task in background:
+                task.cancel()
             await gallery.stop()
             await embedder.stop()
             engine.dispose()
@@ -145,7 +169,7 @@ def __getattr__(name: str) -> Any:
     # `app.main:app` built on first access, so importing this module builds nothing.
     if name == "app":
         global app
-        app = create_app()
+        app = create_app(entry_point=True)
         return app
     raise AttributeError(name)
 
@@ -156,4 +180,9 @@ def serve() -> None:
 
     settings = load_settings()
     logging.basicConfig(level=settings.log_level.upper())
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    uvicorn.run(
+        create_app(settings, entry_point=True),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+    )
