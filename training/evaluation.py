@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models.clustering import jaccard_from_encodings, k_reciprocal_encoding
+from models.clustering import k_reciprocal_neighbors as k_reciprocal_neighbors  # re-exported: its old home
+
 logger = logging.getLogger(__name__)
 
 
@@ -139,13 +142,6 @@ def _blocked_knn(feats: torch.Tensor, k: int, block: int) -> tuple[np.ndarray, n
     return ranks, row_max
 
 
-def k_reciprocal_neighbors(initial_rank: np.ndarray, i: int, k: int) -> np.ndarray:
-    """R(i, k): the j among i's k nearest (itself included) that have i among their own k nearest."""
-    forward = initial_rank[i, : k + 1]
-    backward = initial_rank[forward, : k + 1]
-    return forward[np.any(backward == i, axis=1)]
-
-
 def k_reciprocal_rerank(
     q_feats: torch.Tensor,
     g_feats: torch.Tensor,
@@ -161,59 +157,27 @@ def k_reciprocal_rerank(
     The authors' code holds (Q+G)^2 matrices; here the distances are computed a block of rows at a time (only
     each row's k1 + 1 nearest are kept) and the encodings V are sparse (a row's non-zeros are its expanded
     k-reciprocal set), so memory grows as (Q+G) * k1 plus the (Q, G) float32 result and a few (block, G) arrays.
+    The encodings and their Jaccard distance are ``models.clustering``'s, which pseudo-labelling shares.
     """
-    import scipy.sparse as sp
-
     if not 0.0 <= lambda_value <= 1.0 or k1 < 1 or not 1 <= k2 <= k1 + 1:
         raise ValueError(f"re-ranking needs 1 <= k2 <= k1 + 1 and lambda in [0, 1], got {k1}, {k2}, {lambda_value}")
     feats = torch.cat([q_feats, g_feats]).float().cpu()  # (N, D)
     num_q, n = len(q_feats), len(q_feats) + len(g_feats)
     k1 = min(k1, n - 1)
-    half = int(np.around(k1 / 2.0))
     initial_rank, row_max = _blocked_knn(feats, k1 + 1, block)
-    rows, cols, vals = [], [], []
-    for i in range(n):
-        reciprocal = k_reciprocal_neighbors(initial_rank, i, k1)
-        expansion = [reciprocal]
-        for candidate in reciprocal:
-            cand = k_reciprocal_neighbors(initial_rank, int(candidate), half)
-            if len(np.intersect1d(cand, reciprocal)) > 2.0 / 3 * len(cand):
-                expansion.append(cand)
-        members = np.unique(np.concatenate(expansion))
-        d = euclidean_distmat(feats[i : i + 1], feats[members])[0].double().numpy() / max(row_max[i], 1e-12)
-        weight = np.exp(-d)
-        rows.append(np.full(len(members), i))
-        cols.append(members)
-        vals.append(weight / weight.sum())
-    v = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
-    if k2 > 1:  # local query expansion: each encoding is the mean of its k2 nearest's
-        nearest = initial_rank[:, :k2]
-        expand = sp.csr_matrix(
-            (np.full(nearest.size, 1.0 / k2), (np.repeat(np.arange(n), k2), nearest.ravel())), (n, n)
-        )
-        v = (expand @ v).tocsr()
+
+    def scaled_distances(i: int, members: np.ndarray) -> np.ndarray:  # squared L2 over the row's largest
+        return euclidean_distmat(feats[i : i + 1], feats[members])[0].double().numpy() / max(row_max[i], 1e-12)
+
+    v = k_reciprocal_encoding(initial_rank, k1, k2, scaled_distances)
     v_gallery = v[num_q:].tocsc()  # columns = encoding dimensions, rows = gallery images
     final = np.empty((num_q, n - num_q), dtype=np.float32)
     for start in range(0, num_q, block):
         q = slice(start, min(start + block, num_q))
         d = euclidean_distmat(feats[q], feats[num_q:]).double().numpy() / np.maximum(row_max[q, None], 1e-12)
-        # sum_c min(V_qc, V_gc) over the shared non-zero dimensions c, as a sparse "min-product".
-        overlap = _min_product(v[q], v_gallery)
-        jaccard = 1.0 - overlap / (2.0 - overlap)
+        jaccard = jaccard_from_encodings(v[q], v_gallery)
         final[q] = (1.0 - lambda_value) * jaccard + lambda_value * d
     return final
-
-
-def _min_product(a, b_csc) -> np.ndarray:
-    """(A.rows, B.rows) matrix of sum_c min(A[i, c], B[j, c]) for sparse non-negative A (CSR) and B (CSC over c)."""
-    out = np.zeros((a.shape[0], b_csc.shape[0]), dtype=np.float64)
-    for i in range(a.shape[0]):
-        start, end = a.indptr[i], a.indptr[i + 1]
-        for c, value in zip(a.indices[start:end], a.data[start:end], strict=True):
-            lo, hi = b_csc.indptr[c], b_csc.indptr[c + 1]
-            if lo < hi:
-                out[i, b_csc.indices[lo:hi]] += np.minimum(value, b_csc.data[lo:hi])
-    return out
 
 
 def pair_distances(
