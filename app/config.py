@@ -132,6 +132,72 @@ class Settings(BaseSettings):
     track_gap_s: float = Field(
         600.0, gt=0, description="a sighting's track continues an earlier one of its camera this recently seen (s)"
     )
+    regroup_interval_s: float = Field(
+        3600.0, ge=0, description="re-group all sightings this often (s), repairing the online joins; 0 = never"
+    )
+    # Events (app/events): a named or watched person seen by POST /sightings, told to a webhook and/or MQTT.
+    webhook_url: str | None = Field(
+        None,
+        description="POST a signed person.seen event here (JSON) when a named or watched person is seen; "
+        "unset = no webhook",
+    )
+    webhook_secret: str | None = Field(
+        None,
+        description=f"the HMAC-SHA256 key of the X-Reid-Signature header; at least {MIN_API_KEY_LENGTH} characters, "
+        f"{KEY_HOW_TO}; required with webhook_url",
+        repr=False,
+    )
+    webhook_watch: str = Field(
+        "",
+        description="comma-separated provisional person ids (42 or unknown-42) and identities to notify about, "
+        "besides every named identity",
+    )
+    webhook_max_attempts: int = Field(
+        8, ge=1, le=100, description="tries of one event (back-off 1, 2, 4 ... 300 s), then it goes to failed.jsonl"
+    )
+    mqtt_url: str | None = Field(
+        None,
+        description="mqtt[s]://[user:password@]host[:port]/topic/prefix: each event is also published, QoS 1, "
+        "to <prefix>/<camera>; unset = no MQTT",
+        repr=False,  # it may hold a password
+    )
+
+    @field_validator("webhook_url", "mqtt_url", "webhook_secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # REID_WEBHOOK_URL= in an env file turns the feature off, as leaving it out does.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not (value.startswith(("http://", "https://")) and value.split("/")[2]):
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            from app.events.mqtt import parse_mqtt_url  # here: app.events imports this module
+
+            parse_mqtt_url(value)  # its ValueError says what is wrong
+        return value
+
+    @model_validator(mode="after")
+    def _webhook_signed(self) -> Settings:
+        # An unsigned webhook lets anyone who finds the receiver's URL forge sightings: refuse to start.
+        if self.webhook_url is not None:
+            secret = (self.webhook_secret or "").strip()
+            if len(secret) < MIN_API_KEY_LENGTH:
+                said = f"has {len(secret)} characters" if secret else "is not set"
+                raise ValueError(
+                    f"REID_WEBHOOK_URL is set and REID_WEBHOOK_SECRET {said}: the events are signed with it, "
+                    f"at least {MIN_API_KEY_LENGTH} characters ({KEY_HOW_TO})"
+                )
+            self.webhook_secret = secret  # what is checked is what signs
+        return self
+
     request_timeout_s: float = Field(60.0, gt=0)
     db_connect_timeout_s: int = Field(5, ge=1)
     cors_origins: str = Field("", description="comma-separated allowed origins; empty = CORS off")

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Integer,
     LargeBinary,
@@ -121,8 +122,20 @@ class Person(Base):
     status: Mapped[str] = mapped_column(String(16), index=True, default=PERSON_PROVISIONAL)
     name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     merged_into: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # An operator's decision made it (a merge's target, a split's two halves): re-grouping keeps it whole.
+    reviewed: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=_now)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=_now)
+
+
+class PeopleApart(Base):
+    """Two people an operator split apart: re-grouping never puts them back together (``person_a < person_b``)."""
+
+    __tablename__ = "reid_people_apart"
+
+    person_a: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    person_b: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=_now)
 
 
 class GalleryMeta(Base):

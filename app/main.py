@@ -22,6 +22,7 @@ from app.config import Settings, load_settings
 from app.db import make_engine
 from app.embedder import Embedder
 from app.errors import install_error_handlers
+from app.events import Events
 from app.faults import WriteBusy, fatal_reason
 from app.gallery import Gallery
 from app.regroup import regroup
@@ -121,6 +122,15 @@ def create_app(settings: Settings | None = None, entry_point: bool = False) -> F
                 except Exception:  # the next run tries again; a failed database is the worker's to report
                     logger.exception("re-grouping failed (threshold %g from %s)", threshold, source)
 
+        async def start_events(events: Events) -> None:
+            try:
+                await run_in_threadpool(events.start)  # replays the outbox: what was owed before a restart goes out
+            except (OSError, RuntimeError) as exc:  # an unwritable data folder, every outbox slot held
+                if entry_point:
+                    refuse_to_start(exc)
+                raise
+            state.events = events
+
         opener = asyncio.ensure_future(open_gallery())
         await asyncio.wait([opener], timeout=settings.db_connect_timeout_s * 2)  # usually done at once
         # Any other start-up failure stops the process with the reason logged (non-zero exit).
@@ -131,7 +141,9 @@ def create_app(settings: Settings | None = None, entry_point: bool = False) -> F
             await embedder.stop()
             engine.dispose()
             raise opener.exception()
+        events = Events(settings)
         try:
+            await start_events(events)
             yield
         finally:
             state.ready = False
@@ -140,6 +152,7 @@ def create_app(settings: Settings | None = None, entry_point: bool = False) -> F
                 task.cancel()
             await gallery.stop()
             await embedder.stop()
+            await run_in_threadpool(events.stop)  # after the last request; what is pending waits in the outbox
             engine.dispose()
 
     # Counted while the form streams in, before a part is spooled: 2,000 tiny parts are refused at the 65th file

@@ -14,7 +14,7 @@ from typing import Literal
 from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
-from app.db import PERSON_IGNORED, PERSON_MERGED, PERSON_NAMED, PERSON_PROVISIONAL, Entry, Person
+from app.db import PERSON_IGNORED, PERSON_MERGED, PERSON_NAMED, PERSON_PROVISIONAL, Entry, PeopleApart, Person
 from app.gallery import Gallery
 from app.schemas import CameraSeen, PeopleCount, PersonOut, Timeline, Visit
 from app.sightings import unnamed_label
@@ -199,7 +199,7 @@ def merge_people(gallery: Gallery, person_id: int, into: int) -> PersonOut:
         _relabel(session, [person_id], _label(target), into)
         now = datetime.now(UTC)
         source.status, source.merged_into, source.updated_at = PERSON_MERGED, into, now
-        target.updated_at = now
+        target.updated_at, target.reviewed = now, True
         session.execute(update(Person).where(Person.merged_into == person_id).values(merged_into=into))
         return into
 
@@ -231,13 +231,14 @@ def split_person(gallery: Gallery, person_id: int, entry_ids: Sequence[int]) -> 
         remaining = session.scalar(select(func.count(Entry.id)).where(Entry.person_id == person_id)) or 0
         if len(moving) >= remaining:
             raise InvalidDecision("a split must leave some sightings behind; to relabel all of them, name the person")
-        new = Person()
+        new = Person(reviewed=True)
         session.add(new)
         session.flush()
+        session.add(PeopleApart(person_a=person_id, person_b=new.id))  # re-grouping keeps them apart
         session.execute(
             update(Entry).where(Entry.id.in_(sorted(moving))).values(identity=unnamed_label(new.id), person_id=new.id)
         )
-        person.updated_at = datetime.now(UTC)
+        person.updated_at, person.reviewed = datetime.now(UTC), True
         return new.id
 
     return _decide(gallery, change)

@@ -238,3 +238,14 @@ class PeopleCount(BaseModel):
     cameras: list[str] | None = Field(None, description="the cameras counted (none: all)")
     after: datetime | None = Field(None, description="from (inclusive)")
     before: datetime | None = Field(None, description="until (exclusive)")
+
+
+class RegroupOut(BaseModel):
+    units: int = Field(description="what was grouped: tracks, lone crops and fixed people (named, reviewed, ignored)")
+    groups: int = Field(description="groups found")
+    moved: int = Field(description="sightings whose person changed")
+    new_people: int = Field(description="provisional people started")
+    retired_people: int = Field(description="provisional people left without sightings (recorded as merged)")
+    seconds: float = Field(description="how long it took")
+    skipped: str | None = Field(None, description="why nothing was written (a review came in, another replica ran)")
+    threshold: float = Field(description="the join threshold it grouped with")

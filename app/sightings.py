@@ -22,19 +22,33 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
+from app.config import Settings
 from app.db import PERSON_MERGED, PERSON_NAMED, UNNAMED_PREFIX, Entry, Person
 from app.gallery import BeforeInsert, Gallery, NewEntry
+from app.search import weights_threshold
 
 JOIN_CANDIDATES = 20  # nearest entries looked at per tracklet: the nearest identities, not the nearest crops
 Aggregation = Literal["mean", "quality"]
 Joined = Literal["track", "match", "new"]
+
+
+def join_threshold(settings: Settings, provenance: dict[str, Any], trained: bool) -> tuple[float | None, str | None]:
+    """(the distance under which a tracklet joins someone, where it comes from): REID_JOIN_THRESHOLD, else the
+    weights' calibrated query threshold, else none (nothing is matched by appearance)."""
+    if settings.join_threshold is not None:
+        return settings.join_threshold, "REID_JOIN_THRESHOLD"
+    if trained:
+        calibrated = weights_threshold(provenance, settings.threshold_fmr)
+        if calibrated is not None:
+            return calibrated
+    return None, None
 
 
 def unnamed_label(person_id: int) -> str:

@@ -20,6 +20,7 @@ from app.api.inputs import MAX_CAMERA_LENGTH
 from app.config import Settings
 from app.embedder import Embedder, QueueFull
 from app.errors import ApiError
+from app.events import Events
 from app.gallery import Gallery
 from app.images import Upload, read_images
 
@@ -55,6 +56,7 @@ class State:
     settings: Settings
     embedder: Embedder | None = None
     gallery: Gallery | None = None
+    events: Events | None = None  # person.seen events (app/events), once started
     ready: bool = False
     fatal: str | None = None  # why this process can no longer serve (a failed database): liveness fails
     metrics: Metrics = field(default_factory=Metrics)

@@ -36,6 +36,7 @@ OPERATIONS = [
     ("POST", "/sightings"),
     ("GET", "/people"),
     ("GET", "/people/count"),
+    ("POST", "/people/regroup"),
     ("GET", "/people/{person_id}"),
     ("POST", "/people/{person_id}/name"),
     ("POST", "/people/{person_id}/merge"),

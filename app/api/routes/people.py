@@ -3,6 +3,7 @@ ignore), each person's timeline, and how many people passed some cameras."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal, TypeVar
@@ -12,11 +13,13 @@ from pydantic import BaseModel, Field, WithJsonSchema
 from starlette.concurrency import run_in_threadpool
 
 from app import people
-from app.api.deps import FORM_CAMERAS, Camera, GalleryDep, utc
+from app.api.deps import FORM_CAMERAS, Camera, GalleryDep, ReadyDep, utc
 from app.api.inputs import MAX_IDENTITY_LENGTH, MAX_SAFE_INTEGER, check_camera, check_new_identity
 from app.api.routes.identities import TOTAL_COUNT_HEADER
 from app.errors import ApiError, problem_responses
-from app.schemas import PeopleCount, PersonOut, Timeline
+from app.regroup import regroup
+from app.schemas import PeopleCount, PersonOut, RegroupOut, Timeline
+from app.sightings import join_threshold
 
 T = TypeVar("T")
 router = APIRouter(prefix="/people", tags=["people"], responses=problem_responses(401, 413, 422, 503, 504))
@@ -60,6 +63,19 @@ def rfc3339(value: str | None, name: str) -> datetime | None:
         return utc(datetime.fromisoformat(value))
     except ValueError:
         raise ApiError(422, "invalid_time", f"{name}={value[:40]!r} is not an RFC 3339 date-time") from None
+
+
+@router.post("/regroup", response_model=RegroupOut, responses=problem_responses(409))
+async def regroup_people(state: ReadyDep) -> RegroupOut:
+    """Re-group every sighting now (the service also does it every REID_REGROUP_INTERVAL_S): tracks and lone
+    crops are linked along their nearest neighbours under the join threshold, keeping tracks whole, tracks seen at
+    once on a camera apart, people split apart apart, and named and reviewed people as they are."""
+    assert state.embedder is not None and state.gallery is not None
+    threshold, _ = join_threshold(state.settings, state.embedder.provenance, state.embedder.trained)
+    if threshold is None:
+        raise ApiError(409, "no_join_threshold", "the weights carry no calibrated threshold: set REID_JOIN_THRESHOLD")
+    done = await run_in_threadpool(regroup, state.gallery, threshold)
+    return RegroupOut(threshold=threshold, **dataclasses.asdict(done))
 
 
 @router.get("/{person_id}", response_model=Timeline, responses=problem_responses(404))

@@ -12,12 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from starlette.concurrency import run_in_threadpool
 
 from app import sightings as grouping
-from app.api.deps import ReadyDep, State, templates_of, uploads, utc
+from app.api.deps import ReadyDep, templates_of, uploads, utc
 from app.api.inputs import MAX_CAMERA_LENGTH, MAX_IDENTITY_LENGTH, check_camera, check_track
 from app.api.routes.gallery import IDEMPOTENCY_HEADER, replayed
 from app.errors import ApiError, problem_responses
 from app.schemas import SightingsResult, TrackletOut
-from app.search import weights_threshold
 
 router = APIRouter(prefix="/sightings", tags=["sightings"], responses=problem_responses(401, 413, 422, 503, 504))
 
@@ -79,19 +78,6 @@ def parse_sightings(text: str, files: int) -> list[grouping.Sighting]:
     return out
 
 
-def join_threshold(state: State) -> tuple[float | None, str | None]:
-    """REID_JOIN_THRESHOLD, else the weights' calibrated query threshold, else none."""
-    if state.settings.join_threshold is not None:
-        return state.settings.join_threshold, "REID_JOIN_THRESHOLD"
-    embedder = state.embedder
-    assert embedder is not None
-    if embedder.trained:
-        calibrated = weights_threshold(embedder.provenance, state.settings.threshold_fmr)
-        if calibrated is not None:
-            return calibrated
-    return None, None
-
-
 def result(
     tracklets: list[grouping.Tracklet],
     decisions: list[grouping.Decision],
@@ -147,7 +133,8 @@ async def enroll_sightings(
         previous = await run_in_threadpool(gallery.idempotent_answer, idempotency_key, fingerprint)
         if previous is not None:
             return replayed(previous)
-    threshold, source = join_threshold(state)
+    assert state.embedder is not None
+    threshold, source = grouping.join_threshold(settings, state.embedder.provenance, state.embedder.trained)
     vectors = await templates_of(state, [u.image for u in loaded])
     tracklets, decisions, previous = await run_in_threadpool(
         grouping.enroll,
@@ -165,4 +152,9 @@ async def enroll_sightings(
     if previous is not None:
         return replayed(previous)
     state.metrics.size.set(len(gallery))
-    return result(tracklets, decisions, threshold, source)
+    answer = result(tracklets, decisions, threshold, source)
+    if state.events is not None:  # after the commit; a replayed answer told its events the first time
+        await run_in_threadpool(
+            state.events.emit, answer.model_dump(mode="json")["tracklets"], [(t.start, t.end) for t in tracklets]
+        )
+    return answer

@@ -23,11 +23,18 @@ def upgrade() -> None:
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("name", sa.String(200), nullable=True),
         sa.Column("merged_into", sa.BigInteger(), nullable=True),
+        sa.Column("reviewed", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sqlite_autoincrement=True,
     )
     op.create_index("ix_reid_people_status", "reid_people", ["status"])
+    op.create_table(
+        "reid_people_apart",
+        sa.Column("person_a", sa.BigInteger(), primary_key=True),
+        sa.Column("person_b", sa.BigInteger(), primary_key=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    )
     # batch mode: SQLite adds the columns in place (nullable, no default), PostgreSQL with ALTER TABLE
     with op.batch_alter_table("reid_entries") as batch:
         batch.add_column(sa.Column("person_id", sa.BigInteger(), nullable=True))
@@ -40,5 +47,6 @@ def downgrade() -> None:
         batch.drop_index("ix_reid_entries_person_id")
         batch.drop_column("track")
         batch.drop_column("person_id")
+    op.drop_table("reid_people_apart")
     op.drop_index("ix_reid_people_status", "reid_people")
     op.drop_table("reid_people")

@@ -1,0 +1,318 @@
+"""Re-grouping: the batch step that repairs what online joining got wrong (``POST /sightings`` decides each
+tracklet once, in arrival order, from its nearest neighbours then).
+
+The units it groups are the ones nothing may cut: a track (the crops of one track on one camera are one person), a
+crop sent without a track, and as fixed units every named person, every identity enrolled by name, every ignored
+person and every provisional person an operator's decision made (a merge's target, a split's halves). Each unit is
+one template, the mean of its crops'. ``models.clustering.constrained_groups`` links units closer than the join
+threshold along their k-nearest-neighbour graph (FAISS), and never links two tracks seen at once on one camera, nor two
+people an operator split apart.
+
+A group then becomes:
+- with one fixed unit: that unit's identity and person (a named person only gains sightings, never loses any);
+- with several fixed units (two names chained through strangers): each fixed unit keeps its own, and each other
+  unit joins the one whose template is nearest;
+- with none: a provisional person, keeping the id that most of its crops had (ties: the smaller id), so that ids
+  stay stable across re-groupings; a person whose crops all went elsewhere is recorded as merged into where most
+  of them went.
+
+Everything is read in one pass and written in one transaction under the writers' lock; a review decision made
+in between (seen by the people's ``updated_at``) makes this run give up and leave the next one to do it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import faiss
+import numpy as np
+from sqlalchemy import func, select, text, update
+from sqlalchemy.orm import Session
+
+from app.db import PERSON_MERGED, PERSON_PROVISIONAL, Entry, PeopleApart, Person
+from app.gallery import Gallery
+from app.sightings import unnamed_label
+from models.clustering import constrained_groups, knn_pairs, pair_distances
+
+logger = logging.getLogger(__name__)
+
+REGROUP_LOCK = 0x5E1D_0003  # PostgreSQL advisory lock: one replica re-groups at a time
+NEIGHBOURS = 10
+EXACT_KNN_MAX = 20_000
+IVF_PROBE = 16  # units looked at per unit: a person seen in more tracks than this chains through its neighbours
+READ_BATCH = 5_000
+WRITE_BATCH = 5_000
+
+
+@dataclass
+class Unit:
+    entries: list[int] = field(default_factory=list)
+    persons: Counter[int | None] = field(default_factory=Counter)  # crops per current person
+    identity: str | None = None  # a fixed unit's identity; None: free to move
+    person: int | None = None  # a fixed unit's person (None: an identity enrolled by name)
+    camera: str | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    track: bool = False  # a track (overlap constraints apply)
+    total: np.ndarray | None = None  # sum of its crops' templates
+
+
+@dataclass
+class Regrouped:
+    units: int
+    groups: int
+    moved: int  # entries whose person or identity changed
+    new_people: int
+    retired_people: int
+    seconds: float
+    skipped: str | None = None  # why nothing was written
+
+
+def _people(session: Session) -> dict[int, Person]:
+    return {p.id: p for p in session.scalars(select(Person))}
+
+
+def _resolve(people: dict[int, Person], person_id: int) -> int:
+    for _ in range(64):
+        p = people.get(person_id)
+        if p is None or p.status != PERSON_MERGED or p.merged_into is None:
+            return person_id
+        person_id = p.merged_into
+    return person_id
+
+
+def _fixed(person: Person | None) -> bool:
+    return person is not None and (person.status != PERSON_PROVISIONAL or person.reviewed)
+
+
+def read_units(session: Session, people: dict[int, Person]) -> list[Unit]:
+    """The units, in order of their first entry; every entry of the gallery takes part."""
+    units: dict[tuple, Unit] = {}
+    order: list[Unit] = []
+    last = 0
+    while True:
+        rows = session.execute(
+            select(
+                Entry.id, Entry.identity, Entry.person_id, Entry.camera, Entry.track, Entry.captured_at, Entry.embedding
+            )
+            .where(Entry.id > last)
+            .order_by(Entry.id)
+            .limit(READ_BATCH)
+        ).all()
+        if not rows:
+            break
+        for entry_id, identity, person_id, camera, track, at, blob in rows:
+            person = people.get(person_id) if person_id is not None else None
+            if person_id is None:
+                key: tuple = ("identity", identity)
+            elif _fixed(person):
+                key = ("person", person_id)
+            elif track is not None:
+                key = ("track", camera, track, person_id)
+            else:
+                key = ("crop", entry_id)
+            unit = units.get(key)
+            if unit is None:
+                unit = units[key] = Unit(camera=camera, track=key[0] == "track")
+                if key[0] in ("identity", "person"):
+                    unit.identity, unit.person = identity, person_id
+                order.append(unit)
+            vector = np.frombuffer(blob, dtype="<f4")
+            unit.total = vector.astype(np.float64) if unit.total is None else unit.total + vector
+            unit.entries.append(entry_id)
+            unit.persons[person_id] += 1
+            at = at.replace(tzinfo=UTC) if at.tzinfo is None else at
+            unit.start = at if unit.start is None else min(unit.start, at)
+            unit.end = at if unit.end is None else max(unit.end, at)
+        last = rows[-1][0]
+    return order
+
+
+def knn_graph(templates: np.ndarray, k: int) -> np.ndarray:
+    """(N, k) indices of each template's nearest, by FAISS: exact up to EXACT_KNN_MAX units (the same neighbours
+    as ``models.clustering.knn``, which is pure numpy), an IVF index beyond (the exact graph of 1e5 units took
+    740 s on this project's 2-core machine; IVF with ``IVF_PROBE`` of its lists visits a few percent)."""
+    n, dim = templates.shape
+    k = min(k, n)
+    if n <= EXACT_KNN_MAX:
+        index = faiss.IndexFlatL2(dim)
+    else:
+        lists = int(4 * np.sqrt(n))  # FAISS's guideline: 4..16 sqrt(N) lists
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, lists)
+        index.train(templates)
+        index.nprobe = IVF_PROBE
+    index.add(templates)
+    _, indices = index.search(templates, k)
+    return np.where(indices < 0, np.arange(n)[:, None], indices)  # -1 (too few found): the row itself, no edge
+
+
+def _overlapping_tracks(units: list[Unit]) -> list[tuple[int, int]]:
+    """Pairs of track units seen at once on one camera: a sweep per camera over their time spans."""
+    by_camera: dict[str | None, list[int]] = defaultdict(list)
+    for i, u in enumerate(units):
+        if u.track:
+            by_camera[u.camera].append(i)
+    pairs = []
+    for members in by_camera.values():
+        members.sort(key=lambda i: (units[i].start, i))
+        active: list[int] = []
+        for i in members:
+            active = [j for j in active if units[j].end >= units[i].start]
+            pairs.extend((j, i) for j in active)
+            active.append(i)
+    return pairs
+
+
+def _apart(session: Session, people: dict[int, Person], units: list[Unit]) -> list[tuple[int, int]]:
+    """Unit pairs an operator split apart (each person resolved through its merges)."""
+    unit_of_person = {u.person: i for i, u in enumerate(units) if u.person is not None}
+    pairs = []
+    for a, b in session.execute(select(PeopleApart.person_a, PeopleApart.person_b)):
+        ua, ub = unit_of_person.get(_resolve(people, a)), unit_of_person.get(_resolve(people, b))
+        if ua is not None and ub is not None and ua != ub:
+            pairs.append((ua, ub))
+    return pairs
+
+
+def regroup(gallery: Gallery, threshold: float, neighbours: int = NEIGHBOURS) -> Regrouped:
+    """Re-group every sighting (see the module's docstring); what it did. With replicas on PostgreSQL one runs at
+    a time (an advisory lock; the others skip); on SQLite the service is the only writer."""
+    with contextlib.ExitStack() as stack:
+        if gallery.postgres:
+            connection = stack.enter_context(gallery.engine.connect())
+            if not connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": REGROUP_LOCK}).scalar():
+                return Regrouped(0, 0, 0, 0, 0, 0.0, "another replica is re-grouping")
+            stack.callback(connection.execute, text("SELECT pg_advisory_unlock(:key)"), {"key": REGROUP_LOCK})
+        return _regroup(gallery, threshold, neighbours)
+
+
+def _regroup(gallery: Gallery, threshold: float, neighbours: int) -> Regrouped:
+    began = time.monotonic()
+    with gallery.sessions() as session:
+        people = _people(session)
+        stamp = session.scalar(select(func.max(Person.updated_at)))
+        units = read_units(session, people)
+        cannot = _overlapping_tracks(units) + _apart(session, people, units)
+    if not units:
+        return Regrouped(0, 0, 0, 0, 0, time.monotonic() - began)
+    templates = np.stack([u.total / len(u.entries) for u in units]).astype(np.float32)
+    pairs = knn_pairs(knn_graph(templates, neighbours + 1))  # each unit is its own nearest: k others
+    labels = constrained_groups(len(units), pairs, pair_distances(templates, pairs), threshold, (), cannot)
+    assignment = _assign(units, labels, templates)
+    return _write(gallery, units, assignment, stamp, began, int(labels.max()) + 1)
+
+
+def _assign(units: list[Unit], labels: np.ndarray, templates: np.ndarray) -> list[tuple[str | None, int | None]]:
+    """Per unit: (identity, person) for fixed targets, or (None, group number) for a provisional group."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels.tolist()):
+        groups[label].append(i)
+    out: list[tuple[str | None, int | None]] = [(None, None)] * len(units)
+    for label, members in groups.items():
+        fixed = [i for i in members if units[i].identity is not None]
+        if not fixed:
+            out_label: tuple[str | None, int | None] = (None, -1 - label)  # a provisional group, named later
+            for i in members:
+                out[i] = out_label
+            continue
+        for i in fixed:
+            out[i] = (units[i].identity, units[i].person)
+        free = [i for i in members if units[i].identity is None]
+        if free:
+            anchors = templates[fixed]
+            nearest = ((templates[free][:, None, :] - anchors[None, :, :]) ** 2).sum(-1).argmin(axis=1)
+            for i, j in zip(free, nearest.tolist(), strict=True):
+                out[i] = out[fixed[j]]
+    return out
+
+
+def _write(
+    gallery: Gallery,
+    units: list[Unit],
+    assignment: list[tuple[str | None, int | None]],
+    stamp: datetime | None,
+    began: float,
+    group_count: int,
+) -> Regrouped:
+    moved = new_people = retired = 0
+    with gallery.relabelling() as session:
+        if session.scalar(select(func.max(Person.updated_at))) != stamp:
+            return Regrouped(len(units), group_count, 0, 0, 0, time.monotonic() - began, "a review decision came in")
+        people = _people(session)
+        # Provisional groups keep the id most of their crops had, when no larger group claims it first.
+        provisional: dict[int, list[int]] = defaultdict(list)
+        for i, (identity, target) in enumerate(assignment):
+            if identity is None and target is not None:
+                provisional[target].append(i)
+        claimed: set[int] = {person for identity, person in assignment if identity is not None and person}
+        chosen: dict[int, int] = {}
+        by_size = sorted(provisional.items(), key=lambda item: (-sum(len(units[i].entries) for i in item[1]), item[0]))
+        for group, members in by_size:
+            votes: Counter[int] = Counter()
+            for i in members:
+                for person, n in units[i].persons.items():
+                    if person is not None and people.get(person) is not None and not _fixed(people[person]):
+                        votes[person] += n
+            keep = next((p for p, _ in sorted(votes.items(), key=lambda v: (-v[1], v[0])) if p not in claimed), None)
+            if keep is None:
+                person = Person()
+                session.add(person)
+                session.flush()
+                keep, new_people = person.id, new_people + 1
+            claimed.add(keep)
+            chosen[group] = keep
+        # Relabel, unit by unit, only what changes.
+        changes: dict[tuple[str, int | None], list[int]] = defaultdict(list)
+        moved_from: dict[int, Counter[int]] = defaultdict(Counter)
+        for i, (identity, target) in enumerate(assignment):
+            unit = units[i]
+            if unit.identity is not None:
+                continue  # a fixed unit stays itself
+            if identity is None:  # a provisional group
+                assert target is not None
+                person: int | None = chosen[target]
+                label = unnamed_label(chosen[target])
+            else:  # joins a fixed unit
+                person, label = target, identity
+            changes[(label, person)].extend(unit.entries)
+            for old, n in unit.persons.items():
+                if old is not None and old != person:
+                    moved_from[old][person] += n  # type: ignore[index]
+        for (label, person), entry_ids in changes.items():
+            for start in range(0, len(entry_ids), WRITE_BATCH):
+                chunk = entry_ids[start : start + WRITE_BATCH]
+                result = session.execute(
+                    update(Entry)
+                    .where(
+                        Entry.id.in_(chunk),
+                        (Entry.person_id != person) | Entry.person_id.is_(None) | (Entry.identity != label),
+                    )
+                    .values(identity=label, person_id=person)
+                )
+                moved += result.rowcount or 0
+        # A provisional person left without crops: merged into where most of them went.
+        remaining = {
+            p for (p,) in session.execute(select(Entry.person_id).where(Entry.person_id.is_not(None)).distinct())
+        }
+        now = datetime.now(UTC)
+        for old, targets in moved_from.items():
+            person = people.get(old)
+            if person is not None and not _fixed(person) and old not in remaining and targets:
+                target = sorted(targets.items(), key=lambda t: (-t[1], t[0]))[0][0]
+                person.status, person.merged_into, person.updated_at = PERSON_MERGED, target, now
+                retired += 1
+    result = Regrouped(len(units), group_count, moved, new_people, retired, time.monotonic() - began)
+    logger.info(
+        "re-grouped %d units into %d groups in %.1f s: %d entries moved, %d new people, %d retired",
+        result.units,
+        result.groups,
+        result.seconds,
+        result.moved,
+        result.new_people,
+        result.retired_people,
+    )
+    return result

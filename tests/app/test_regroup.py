@@ -1,0 +1,131 @@
+"""Re-grouping sightings (app.regroup) on a gallery of chosen templates: it repairs what online joining got
+wrong, and keeps every constraint: tracks whole, tracks seen at once on one camera apart, people an operator split
+apart apart, named people as they are, provisional ids stable."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app import people, sightings
+from app.db import make_engine
+from app.gallery import Gallery
+from app.regroup import regroup
+from app.sightings import Sighting
+
+DIM = 4
+THRESHOLD = 1.0
+T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def gallery(tmp_path: Path, database_url: str | None) -> Iterator[Gallery]:
+    engine = make_engine(database_url or f"sqlite:///{tmp_path / 'reid.db'}")
+    gallery = Gallery(engine, tmp_path / "data", DIM, "Flat", fingerprint="f" * 64)
+    gallery.open()
+    yield gallery
+    gallery.close()
+    engine.dispose()
+
+
+def crop(seed: int) -> tuple[bytes, Image.Image]:
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 4, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue(), image
+
+
+def at(x: float) -> np.ndarray:
+    return np.array([x, 0.0, 0.0, 0.0], np.float32)
+
+
+def send(gallery: Gallery, tracks: list[tuple[str, str | None, float, list[float]]]) -> list[int]:
+    """One request: per tracklet (camera, track, minutes after T0, crops' positions on a line); their people."""
+    items, vectors = [], []
+    for camera, track, minutes, xs in tracks:
+        for x in xs:
+            items.append(Sighting(camera, T0 + timedelta(minutes=minutes), track))
+            vectors.append(at(x))
+    uploads = [crop(i + len(gallery) * 7) for i in range(len(items))]
+    _, decisions, _ = sightings.enroll(
+        gallery, items, uploads, np.stack(vectors), THRESHOLD, "mean", timedelta(seconds=1)
+    )
+    return [d.person_id for d in decisions]
+
+
+def person_of(gallery: Gallery, person_id: int) -> people.PersonOut:
+    return people.get_person(gallery, person_id)
+
+
+def test_a_bridge_seen_later_merges_two_people_into_the_older_id(gallery: Gallery) -> None:
+    [a] = send(gallery, [("c1", "1", 0, [0.0])])
+    [b] = send(gallery, [("c2", "2", 1, [1.8])])  # 1.8 from a: someone else, as far as anyone knows yet
+    [bridge] = send(gallery, [("c3", "3", 2, [0.85])])  # near both: joins the nearer online
+    assert a != b and bridge == a
+    done = regroup(gallery, THRESHOLD)
+    assert done.skipped is None and done.moved == 1 and done.retired_people == 1
+    assert person_of(gallery, a).sightings == 3  # the older id stays
+    assert person_of(gallery, b).status == "merged" and person_of(gallery, b).merged_into == a
+    assert regroup(gallery, THRESHOLD).moved == 0  # a second run has nothing to repair
+
+
+def test_online_joining_agrees_with_batch_grouping_on_separated_people(gallery: Gallery) -> None:
+    rng = np.random.default_rng(0)
+    centres = [0.0, 10.0, 20.0, 30.0]
+    truth = {}
+    for n in range(12):
+        who = n % 4
+        [person] = send(gallery, [(f"c{n % 3}", str(n), n, [centres[who] + float(rng.uniform(-0.3, 0.3))])])
+        truth.setdefault(who, set()).add(person)
+    assert all(len(found) == 1 for found in truth.values())  # online: one person each
+    assert regroup(gallery, THRESHOLD).moved == 0  # batch: the same partition
+
+
+def test_tracks_seen_at_once_on_one_camera_stay_apart(gallery: Gallery) -> None:
+    twins = send(gallery, [("c1", "1", 0, [0.0, 0.0]), ("c1", "2", 0, [0.0])])
+    assert twins[0] != twins[1]  # online: the overlap forbids the join
+    regroup(gallery, THRESHOLD)
+    assert person_of(gallery, twins[0]).sightings == 2 and person_of(gallery, twins[1]).sightings == 1
+
+
+def test_a_split_is_kept_and_a_named_person_is_not_moved(gallery: Gallery) -> None:
+    [p] = send(gallery, [("c1", "1", 0, [0.0])])
+    assert send(gallery, [("c2", "7", 5, [0.1])]) == [p]
+    entry = people.timeline(gallery, p, timedelta(minutes=1)).visits[-1].entries[0]
+    other = people.split_person(gallery, p, [entry]).id
+    regroup(gallery, THRESHOLD)
+    assert person_of(gallery, p).sightings == 1 and person_of(gallery, other).sightings == 1
+
+    # A named person with crops far apart (a merge the operator made) stays whole; a stranger stays out.
+    [far] = send(gallery, [("c3", "9", 9, [5.0])])
+    people.merge_people(gallery, far, p)
+    people.name_person(gallery, p, "Ann")
+    [near_far] = send(gallery, [("c4", "3", 20, [5.3])])
+    assert person_of(gallery, near_far).identity == "Ann"  # online: its nearest crop is Ann's
+    regroup(gallery, THRESHOLD)
+    named = person_of(gallery, p)
+    assert (named.identity, named.status, named.sightings) == ("Ann", "named", 3)
+    assert person_of(gallery, other).identity == f"unknown-{other}"
+
+
+def test_a_review_between_read_and_write_makes_the_run_give_up(gallery: Gallery, monkeypatch) -> None:
+    [a] = send(gallery, [("c1", "1", 0, [0.0])])
+    send(gallery, [("c2", "2", 1, [1.8])])
+    send(gallery, [("c3", "3", 2, [0.9])])
+    import app.regroup as module
+
+    real = module._assign
+
+    def review_meanwhile(*args):
+        people.name_person(gallery, a, "Bo")
+        return real(*args)
+
+    monkeypatch.setattr(module, "_assign", review_meanwhile)
+    done = regroup(gallery, THRESHOLD)
+    assert done.skipped == "a review decision came in" and done.moved == 0
