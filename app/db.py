@@ -12,6 +12,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -70,8 +71,12 @@ class Base(DeclarativeBase):
 
 class Entry(Base):
     __tablename__ = "reid_entries"
-    # SQLite hands the largest deleted id to the next row unless the table is AUTOINCREMENT.
-    __table_args__ = ({"sqlite_autoincrement": True},)
+    # SQLite hands the largest deleted id to the next row unless the table is AUTOINCREMENT. A sighting's track is
+    # looked up by camera, track and time (app.sightings), never by a scan of the camera's entries.
+    __table_args__ = (
+        Index("ix_reid_entries_camera_track", "camera", "track", "captured_at"),
+        {"sqlite_autoincrement": True},
+    )
 
     # Also the FAISS id: SQLite's INTEGER PRIMARY KEY AUTOINCREMENT / PostgreSQL's identity, never reused ids.
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)

@@ -135,3 +135,17 @@ def test_start_up_without_migrating_names_the_command(settings: Settings) -> Non
         TestClient(create_app(settings.model_copy(update={"migrate_on_start": False}))),
     ):
         pass
+
+
+def test_the_migrations_build_the_schema_the_models_describe(tmp_path: Path, database_url: str | None) -> None:
+    """Every table, column and index of app.db (the sightings' lookup index included) comes from a migration."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from app.db import Base
+
+    engine = make_engine(database_url or f"sqlite:///{tmp_path / 'new.db'}")
+    migrate.upgrade(engine)
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    engine.dispose()

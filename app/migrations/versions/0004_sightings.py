@@ -40,10 +40,12 @@ def upgrade() -> None:
         batch.add_column(sa.Column("person_id", sa.BigInteger(), nullable=True))
         batch.add_column(sa.Column("track", sa.String(200), nullable=True))
         batch.create_index("ix_reid_entries_person_id", ["person_id"])
+        batch.create_index("ix_reid_entries_camera_track", ["camera", "track", "captured_at"])
 
 
 def downgrade() -> None:
     with op.batch_alter_table("reid_entries") as batch:
+        batch.drop_index("ix_reid_entries_camera_track")
         batch.drop_index("ix_reid_entries_person_id")
         batch.drop_column("track")
         batch.drop_column("person_id")
