@@ -1,24 +1,33 @@
-"""Grouping unnamed sightings into provisional people (``models.clustering``) at scale: the kNN graph, then
-``group_sightings``' grouping over it, with and without must-link / cannot-link constraints, on synthetic 512-d
-unit embeddings of people seen a few times each.
+"""Grouping unnamed sightings into provisional people at scale, on synthetic 512-d unit embeddings of people seen
+a few times each: the kNN graph re-grouping builds (FAISS), then ``models.clustering.constrained_groups`` over it,
+with and without must-link / cannot-link constraints; and, with ``--join-sizes``, one online join on galleries of
+those sizes.
 
-    python -m bench.grouping --n 10000        # seconds
-    python -m bench.grouping --n 100000       # the exact kNN graph dominates: ~10 min on 2 cores
+    python -m bench.grouping --n 100000 --join-sizes 100000,1000000
 
-The kNN graph is built once and timed; ``group_sightings`` is that graph plus the grouping timed here (its pairs,
-their L2 distances and ``constrained_groups``), so its total is the sum of the two.
+"group (sum)" is the kNN graph plus the grouping timed here (its pairs, their L2 distances and the grouping).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from bench.common import PeakMemory, Table, add_common_args, mib, report, setup
+from app.db import make_engine
+from app.gallery import Gallery
+from app.regroup import EXACT_KNN_MAX, IVF_PROBE, knn_graph
+from app.sightings import Sighting, enroll, plan, tracklets_of
+from bench.common import PeakMemory, Table, add_common_args, int_list, mib, percentile, report, setup
 from models.clustering import constrained_groups, knn, knn_pairs, pair_distances
+
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
 logger = logging.getLogger("bench.grouping")
 
@@ -59,6 +68,54 @@ def adjusted_rand(truth: np.ndarray, labels: np.ndarray) -> float:
     return float(adjusted_rand_score(truth, labels))
 
 
+def online_joins(sizes: list[int], dim: int, seed: int, joins: int = 30) -> Table:
+    """p50 of one tracklet's online join (``app.sightings.plan``: a FAISS search and indexed reads) and of the
+    whole enrolment (plan, crop, commit), on a SQLite gallery of ``n`` entries (the service's default Flat index)."""
+    table = Table(
+        "One online join (app.sightings), SQLite, Flat index",
+        ["gallery entries", "fill s", "plan p50 ms", "plan p95 ms", "enrol p50 ms", "joins"],
+    )
+    rng = np.random.default_rng(seed)
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix="bench-join-") as tmp:
+            engine = make_engine(f"sqlite:///{tmp}/reid.db")
+            gallery = Gallery(engine, Path(tmp) / "data", dim, "Flat", fingerprint="f" * 64, snapshot_every=10**9)
+            gallery.open()
+            t0 = time.perf_counter()
+            for start in range(0, n, 10_000):
+                count = min(10_000, n - start)
+                vectors = rng.normal(size=(count, dim)).astype(np.float32)
+                vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+                crops = [(f"{start + i:064x}", "crops/none.png", 32, 64) for i in range(count)]
+                gallery.add(f"person{start // 10_000}", f"c{start % 8}", {}, crops, vectors, T0)
+            fill_s = time.perf_counter() - t0
+            logger.info("gallery of %d entries filled in %.0f s", n, fill_s)
+            plan_s, enrol_s = [], []
+            for j in range(joins):
+                template = rng.normal(size=(1, dim)).astype(np.float32)
+                template /= np.linalg.norm(template)
+                sighting = Sighting("c1", T0 + timedelta(minutes=j), str(j))
+                tracklet = tracklets_of([sighting])
+                t0 = time.perf_counter()
+                plan(gallery, tracklet, template, 1.0, timedelta(minutes=10))
+                plan_s.append(time.perf_counter() - t0)
+                image = Image.new("RGB", (32, 64), (j, 0, 0))
+                t0 = time.perf_counter()
+                enroll(gallery, [sighting], [(image.tobytes(), image)], template, 1.0, "mean", timedelta(minutes=10))
+                enrol_s.append(time.perf_counter() - t0)
+            gallery.close()
+            engine.dispose()
+        table.add(
+            n, fill_s, 1e3 * percentile(plan_s, 50), 1e3 * percentile(plan_s, 95), 1e3 * percentile(enrol_s, 50), joins
+        )
+    table.notes.append(
+        "Random unit 512-d entries in batches of 10,000 (one identity each), 8 cameras; each join a new random "
+        "tracklet of one crop with a track id: the track lookup, one FAISS search for 20 candidates and their "
+        "conflict checks (plan), then the enrolment with its crop and commit (enrol; it runs its own plan)."
+    )
+    return table
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=10_000, help="sightings (default %(default)s)")
@@ -69,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=1.0, help="largest L2 distance that groups")
     parser.add_argument("--constrained", type=float, default=0.1, help="share of people with a track (must-link)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the synthetic sightings")
+    parser.add_argument("--exact-knn", action="store_true", help="numpy's exact kNN instead of the service's FAISS")
+    parser.add_argument(
+        "--join-sizes",
+        type=int_list,
+        default=[],
+        help="also time one online join (POST /sightings' decision and commit) on galleries of these sizes",
+    )
     add_common_args(parser)
     return parser
 
@@ -80,15 +144,20 @@ def main(argv: list[str] | None = None) -> int:
     x, person = sightings(args.n, args.per_person, args.dim, args.spread, args.seed)
     must, cannot = constraints(person, args.constrained, args.seed)
     table = Table(
-        "Grouping sightings (models.clustering)",
+        "Grouping sightings (app.regroup's kNN graph, models.clustering)",
         ["N", "step", "s", "peak RSS MiB", "edges", "groups", "people", "ARI"],
     )
     logger.info("%d sightings: kNN graph", args.n)
     with PeakMemory() as peak:
         t0 = time.perf_counter()
-        _, indices = knn(x, args.k + 1)
+        if args.exact_knn:
+            _, indices = knn(x, args.k + 1)
+            how = "numpy exact (models.clustering.knn)"
+        else:
+            indices = knn_graph(x, args.k + 1)
+            how = "FAISS " + ("exact" if args.n <= EXACT_KNN_MAX else f"IVF, nprobe {IVF_PROBE}")
         knn_s = time.perf_counter() - t0
-    table.add(args.n, f"knn (exact, k={args.k} + itself)", knn_s, mib(peak.bytes), "", "", "", "")
+    table.add(args.n, f"knn, {how} (k={args.k} + itself)", knn_s, mib(peak.bytes), "", "", "", "")
     people = int(person.max()) + 1
     for label, ml, cl in [("", (), ()), (f" + {len(must)} tracks, {len(cannot)} cannot-links", must, cannot)]:
         logger.info("%d sightings: grouping%s", args.n, label)
@@ -103,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         ari = adjusted_rand(person, labels)
         table.add(args.n, "pairs + their L2 distances", t1 - t0, "", len(pairs), "", "", "")
         table.add(args.n, "constrained_groups" + label, t2 - t1, mib(peak.bytes), len(pairs), groups, people, ari)
-        table.add(args.n, "group_sightings" + label + " (sum)", knn_s + t2 - t0, "", len(pairs), groups, people, ari)
+        table.add(args.n, "group (sum)" + label, knn_s + t2 - t0, "", len(pairs), groups, people, ari)
     # The worst case: a threshold that joins the whole graph, so the cannot-links leave one conflicted component
     # and every edge goes through the one-by-one (Python) union-find.
     logger.info("%d sightings: grouping, every edge one by one", args.n)
@@ -123,12 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.n} unit {args.dim}-d sightings, {args.per_person} per person, noise norm {args.spread} (one "
         f"person's sightings ~{args.spread * 2**0.5:.2f} apart, two people ~1.41); threshold {args.threshold} "
         f"(L2), k={args.k}. ARI: adjusted Rand index of the groups against the people (1 = exact).",
-        "knn: exact brute force on numpy's BLAS, a block of rows at a time (FAISS is kept out of models/); "
+        "knn: what re-grouping runs (app.regroup.knn_graph: FAISS, exact up to "
+        f"{EXACT_KNN_MAX} units, IVF beyond), or with --exact-knn numpy's brute force (models.clustering.knn); "
         "peak RSS: the process's peak resident set during the step above the set before. One run, no repeats.",
         "Tracks: all the sightings of a share of the people as must-link groups; cannot-links: as many random "
         "pairs of sightings of two different people.",
     ]
-    report("Grouping sightings", "bench.grouping", [table], started, results, argv)
+    tables = [table] + ([online_joins(args.join_sizes, args.dim, args.seed)] if args.join_sizes else [])
+    report("Grouping sightings", "bench.grouping", tables, started, results, argv)
     return 0
 
 

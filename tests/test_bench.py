@@ -72,3 +72,17 @@ def test_gpu_bench_runs_its_code_path_on_the_cpu(tmp_path: Path, capsys) -> None
     for stage in (1, 2, 3):
         assert f"| training | stage {stage}, amp none | 4 |" in out
     assert "0 row(s) failed." in out
+
+
+def test_sightings_bench_scores_groupings_as_the_field_does() -> None:
+    from bench.sightings import scores
+
+    truth = [1, 1, 1, 2, 2, 3]
+    perfect = scores(["a", "a", "a", "b", "b", "c"], truth)
+    assert perfect["pair_precision"] == perfect["pair_recall"] == perfect["bcubed_f"] == 1.0
+    assert (perfect["people"], perfect["true_people"]) == (3, 3)
+    lumped = scores(["a"] * 6, truth)  # one group: every true pair found, 4 of 15 pairs right
+    assert lumped["pair_recall"] == 1.0 and lumped["pair_precision"] == 4 / 15 and lumped["people"] == 1
+    assert lumped["bcubed_precision"] == (3 * 3 / 6 + 2 * 2 / 6 + 1 / 6) / 6
+    alone = scores(["a", "b", "c", "d", "e", "f"], truth)  # singletons: no pair claimed
+    assert alone["pair_precision"] == 1.0 and alone["pair_recall"] == 0.0 and alone["bcubed_precision"] == 1.0
