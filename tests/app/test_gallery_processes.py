@@ -205,3 +205,38 @@ def test_reembed_skips_entries_a_replica_deletes_while_it_runs(
     finally:
         server.stop()
         next(schema, None)
+
+
+@pytest.mark.postgres
+def test_a_replica_running_through_a_postgres_restore_rebuilds_and_says_so(tmp_path: Path, small_weights: Path) -> None:
+    """Two replicas on one PostgreSQL database; the database is restored to a backup of 20 entries under them and
+    other people enrolled into it (ids 21-25 again). The replica that served the lost entries must not pair them
+    with the new names: /ready fails at once, then it rebuilds, counts it in /metrics and answers right."""
+    from tests.app.conftest import _postgres_schema_url
+    from tests.app.test_gallery_binding import restore
+
+    schema = _postgres_schema_url()
+    url = next(schema)
+    first = Server(tmp_path / "a", small_weights, tmp_path / "a.log", REID_DATABASE_URL=url, REID_REPLICA_POLL_S="0.2")
+    second = Server(tmp_path / "b", small_weights, tmp_path / "b.log", REID_DATABASE_URL=url, REID_REPLICA_POLL_S="0.2")
+    try:
+        first.start()
+        second.start()
+        assert [enrol(first.url, seed, f"alice{seed}") for seed in range(25)][-1] == 25
+        restore(url, entries=20, changes=20)
+        assert httpx.get(f"{first.url}/ready", timeout=10).status_code == 503  # before anything else happens
+        assert [enrol(second.url, seed, f"bob{seed}") for seed in range(100, 105)] == [21, 22, 23, 24, 25]
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{first.url}/ready", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the replica never rebuilt after the restore"
+            time.sleep(0.2)
+        match = best_match(first.url, 103)
+        assert (match["id"], match["identity"]) == (24, "bob103") and match["distance"] < 1e-3
+        assert not (best_match(first.url, 23)["id"] == 24 and best_match(first.url, 23)["distance"] < 1e-3)
+        metrics = httpx.get(f"{first.url}/metrics", timeout=10).text
+        assert "reid_gallery_resyncs 1.0" in metrics, metrics[-2000:]
+    finally:
+        first.stop()
+        second.stop()
+        next(schema, None)
+    assert "restored from a backup" in first.log.read_text() or "rebuild" in first.log.read_text()

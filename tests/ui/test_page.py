@@ -241,6 +241,8 @@ def test_enroll_search_masks_and_delete_in_a_browser(browser: Any, server: Serve
         assert "Match" in rows.first.inner_text()
         assert rows.count() == len(PEOPLE)
         assert "No threshold in use" in page.inner_text("#search-results .threshold")
+        # The page says what the score means: these weights carry no false-match curve, so it is not calibrated.
+        assert "1 / (1 + distance): not calibrated" in page.inner_text("#search-results .similarity-meaning")
         assert page.locator("#search-results ol.matches li").count() == 5
         page.wait_for_function("() => [...document.querySelectorAll('#search-results img')].every(i => i.naturalWidth)")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,38 @@ def rfc3339(value: str | None, name: str) -> datetime | None:
         raise ApiError(422, "invalid_time", f"{name}={value[:40]!r} is not an RFC 3339 date-time") from None
 
 
+@router.get("", response_model=list[PersonOut], responses={200: {"headers": TOTAL_COUNT_HEADER}})
+async def list_people(
+    gallery: GalleryDep,
+    response: Response,
+    status: Annotated[
+        Literal["provisional", "named", "ignored", "merged"] | None,
+        Query(description="only people of this status (default: all but merged)"),
+    ] = None,
+    order: Annotated[Literal["size", "recent"], Query(description="largest first, or last seen first")] = "size",
+    offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> list[PersonOut]:
+    total, page = await _run(people.list_people, gallery, status, order, offset, limit)
+    response.headers["X-Total-Count"] = str(total)
+    return page
+
+
+@router.get("/count", response_model=PeopleCount)
+async def count_people(
+    gallery: GalleryDep,
+    cameras: Annotated[
+        list[Camera] | None, Query(max_length=100, description="only these cameras"), FORM_CAMERAS
+    ] = None,
+    after: Annotated[str | None, Query(description="seen at or after (RFC 3339)"), TIME] = None,
+    before: Annotated[str | None, Query(description="seen before (RFC 3339)"), TIME] = None,
+) -> PeopleCount:
+    """How many distinct people (named or provisional, not ignored) were seen on these cameras in the window."""
+    for camera in cameras or []:
+        check_camera(camera)
+    return await _run(people.count_people, gallery, cameras, rfc3339(after, "after"), rfc3339(before, "before"))
+
+
 @router.post("/regroup", response_model=RegroupOut, responses=problem_responses(409))
 async def regroup_people(state: ReadyDep) -> RegroupOut:
     """Re-group every sighting now (the service also does it every REID_REGROUP_INTERVAL_S): tracks and lone
@@ -111,35 +143,3 @@ async def split_person(gallery: GalleryDep, person_id: PersonId, body: SplitIn) 
 async def ignore_person(gallery: GalleryDep, person_id: PersonId) -> PersonOut:
     """Not a person: kept apart, so that later sightings of it join it, and not counted."""
     return await _run(people.ignore_person, gallery, person_id)
-
-
-@router.get("", response_model=list[PersonOut], responses={200: {"headers": TOTAL_COUNT_HEADER}})
-async def list_people(
-    gallery: GalleryDep,
-    response: Response,
-    status: Annotated[
-        Literal["provisional", "named", "ignored", "merged"] | None,
-        Query(description="only people of this status (default: all but merged)"),
-    ] = None,
-    order: Annotated[Literal["size", "recent"], Query(description="largest first, or last seen first")] = "size",
-    offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-) -> list[PersonOut]:
-    total, page = await _run(people.list_people, gallery, status, order, offset, limit)
-    response.headers["X-Total-Count"] = str(total)
-    return page
-
-
-@router.get("/count", response_model=PeopleCount)
-async def count_people(
-    gallery: GalleryDep,
-    cameras: Annotated[
-        list[Camera] | None, Query(max_length=100, description="only these cameras"), FORM_CAMERAS
-    ] = None,
-    after: Annotated[str | None, Query(description="seen at or after (RFC 3339)"), TIME] = None,
-    before: Annotated[str | None, Query(description="seen before (RFC 3339)"), TIME] = None,
-) -> PeopleCount:
-    """How many distinct people (named or provisional, not ignored) were seen on these cameras in the window."""
-    for camera in cameras or []:
-        check_camera(camera)
-    return await _run(people.count_people, gallery, cameras, rfc3339(after, "after"), rfc3339(before, "before"))

@@ -51,10 +51,11 @@ function url(path, params) {
   return target.href;
 }
 
-async function send(path, { method = "GET", params, body } = {}) {
+async function send(path, { method = "GET", params, body, type } = {}) {
   let response;
   try {
-    response = await fetch(url(path, params), { method, body, headers: headers(), cache: "no-store" });
+    const sent = type ? { ...headers(), "Content-Type": type } : headers();
+    response = await fetch(url(path, params), { method, body, headers: sent, cache: "no-store" });
   } catch {
     throw new ApiError(0, "network", "The service cannot be reached: is it running?");
   }
@@ -73,6 +74,11 @@ export async function deleteJSON(path) {
 
 export async function postForm(path, form, params) {
   return (await send(path, { method: "POST", body: form, params })).json();
+}
+
+// A JSON body (the review decisions: POST /people/{id}/name, ...) and its JSON answer.
+export async function postJSON(path, value) {
+  return (await send(path, { method: "POST", body: JSON.stringify(value ?? {}), type: "application/json" })).json();
 }
 
 // A PNG (or any image) answer as an object URL; the caller revokes it when the picture goes.

@@ -12,6 +12,7 @@ import {
 } from "./api.js";
 import { formatDistance, formatTime, h, localInputToISO } from "./dom.js";
 import { createMaskViewer, entrySource, uploadSource } from "./masks.js";
+import { createPeopleView } from "./people.js";
 
 const $ = (selector) => document.querySelector(selector);
 const GALLERY_PAGE = 24; // identities per page
@@ -132,7 +133,7 @@ async function loadHealth() {
 
 // -- tabs -------------------------------------------------------------------------------------------
 
-const TABS = ["gallery", "enroll", "search"];
+const TABS = ["gallery", "people", "enroll", "search"];
 
 function selectTab(name) {
   for (const tab of TABS) {
@@ -142,7 +143,12 @@ function selectTab(name) {
   }
 }
 
-for (const tab of TABS) $(`#tab-${tab}`).addEventListener("click", () => selectTab(tab));
+for (const tab of TABS) {
+  $(`#tab-${tab}`).addEventListener("click", () => {
+    selectTab(tab);
+    if (tab === "people") people.refresh(); // loaded when looked at, fresh each time
+  });
+}
 
 // -- crops, fetched with the key --------------------------------------------------------------------
 
@@ -182,6 +188,10 @@ function confirmDelete(text) {
   dialog.showModal();
   return new Promise((resolve) => dialog.addEventListener("close", () => resolve(dialog.returnValue === "confirm"), { once: true }));
 }
+
+// -- people (people.js) ------------------------------------------------------------------------------
+
+const people = createPeopleView({ cropImage, showError, clearError });
 
 // -- gallery ----------------------------------------------------------------------------------------
 
@@ -519,6 +529,8 @@ function resultSection(result, files, index, filtered) {
           h("tbody", {}, identityRows),
         )
       : h("p", { class: "muted" }, filtered ? "No entries match the filters." : "The gallery has no entries yet."),
+    // What the score is: calibrated (1 - the false-match rate) or not, in the service's own words.
+    result.identities.length ? h("p", { class: "muted similarity-meaning" }, `Similarity: ${result.similarity_meaning}.`) : null,
     result.matches.length ? h("h4", {}, "Entries, nearest first") : null,
     h(
       "ol",
@@ -599,7 +611,7 @@ $("#search-form").addEventListener("submit", async (event) => {
 // -- start ------------------------------------------------------------------------------------------
 
 async function refreshAll() {
-  await Promise.all([loadHealth(), loadGallery()]);
+  await Promise.all([loadHealth(), loadGallery(), $("#view-people").hidden ? null : people.refresh()]);
   if (gallery.identity) await openIdentity(gallery.identity);
 }
 
