@@ -25,13 +25,12 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import PERSON_MERGED, PERSON_NAMED, UNNAMED_PREFIX, Entry, Person
-from app.gallery import BeforeInsert, Gallery, NewEntry
+from app.gallery import BeforeInsert, Gallery, NewEntry, StoredCrop
 from app.search import weights_threshold
 
 JOIN_CANDIDATES = 20  # nearest entries looked at per tracklet: the nearest identities, not the nearest crops
@@ -283,7 +282,7 @@ def current(session: Session, person_id: int) -> tuple[int, str]:
 def enroll(
     gallery: Gallery,
     sightings: Sequence[Sighting],
-    uploads: Sequence[tuple[bytes, Image.Image]],
+    crops: list[StoredCrop],
     vectors: np.ndarray,
     threshold: float | None,
     aggregation: Aggregation,
@@ -293,22 +292,27 @@ def enroll(
     request_sha256: str = "",
     answer: Callable[[list[Tracklet], list[Decision]], str] | None = None,
 ) -> tuple[list[Tracklet], list[Decision], str | None]:
-    """Group the request's crops into tracklets, decide where each goes, and enrol them all in one transaction;
-    (tracklets, decisions with their entries, or the first answer of a replayed Idempotency-Key)."""
+    """Group the request's crops (held by ``Gallery.hold_crops``) into tracklets, decide where each goes, and enrol
+    them all in one transaction; (tracklets, decisions with their entries, or the first answer of a replayed
+    Idempotency-Key). The crops' holds are released either way."""
     tracklets = tracklets_of(sightings)
     templates = np.stack(
         [template(vectors[t.indices], [sightings[i] for i in t.indices], aggregation) for t in tracklets]
     ).astype(np.float32)
-    decisions = plan(gallery, tracklets, templates, threshold, track_gap)
+    try:
+        decisions = plan(gallery, tracklets, templates, threshold, track_gap)
+    except BaseException:  # e.g. the index resyncing: the crops are not enrolled
+        gallery.release_crops(crops)
+        raise
     new, of_file = new_entries(tracklets, decisions, sightings)
 
     def answered(entries: list[Entry]) -> str:
         _fill_entries(decisions, of_file, entries)
         return answer(tracklets, decisions) if answer is not None else ""
 
-    enrolled = gallery.enroll(
+    enrolled = gallery.enroll_held(
         new,
-        uploads,
+        crops,
         vectors,
         idempotency_key=idempotency_key,
         request_sha256=request_sha256,

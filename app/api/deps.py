@@ -4,6 +4,7 @@ security scheme), and the uploads of a request read within their limits."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from dataclasses import dataclass, field
@@ -15,13 +16,14 @@ from fastapi import Depends, Path, Request, Security, UploadFile
 from fastapi.security import APIKeyHeader
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import StringConstraints, WithJsonSchema
+from starlette.concurrency import run_in_threadpool
 
 from app.api.inputs import MAX_CAMERA_LENGTH
 from app.config import Settings
 from app.embedder import Embedder, QueueFull
 from app.errors import ApiError
 from app.events import Events
-from app.gallery import Gallery
+from app.gallery import Gallery, StoredCrop
 from app.images import Upload, read_images
 
 API_KEY_HEADER = "X-API-Key"
@@ -108,6 +110,21 @@ GalleryDep = Annotated[Gallery, Depends(ready_gallery)]
 EmbedderDep = Annotated[Embedder, Depends(ready_embedder)]
 
 
+async def templates_and_crops(state: State, loaded: list[Upload]) -> tuple[np.ndarray, list[StoredCrop]]:
+    """The crops' templates, and the crops stored durably and held for the enrolment (``Gallery.hold_crops``),
+    side by side: the crop files' fsyncs run while the network does. Held crops are let go if the network
+    refuses the request."""
+    gallery = state.gallery
+    assert gallery is not None
+    held = asyncio.ensure_future(run_in_threadpool(gallery.hold_crops, [(u.data, u.image) for u in loaded]))
+    try:
+        vectors = await templates_of(state, [u.image for u in loaded])
+    except BaseException:
+        gallery.release_crops(await held)
+        raise
+    return vectors, await held
+
+
 async def templates_of(state: State, images: list) -> np.ndarray:
     """(n, feat_dim) templates through the micro-batcher; a full queue is a 503 with Retry-After."""
     assert state.embedder is not None
@@ -162,7 +179,8 @@ FORM_CAMERAS = WithJsonSchema(
     {"type": "array", "items": {"type": "string", "maxLength": MAX_CAMERA_LENGTH}, "maxItems": 100}
 )
 FORM_THRESHOLD = WithJsonSchema({"type": "number", "minimum": 0})
-FORM_TIME = WithJsonSchema({"type": "string", "format": "date-time"})
+# An empty form field is an absent one (HTML forms send every field): "" is allowed beside a date-time.
+FORM_TIME = WithJsonSchema({"anyOf": [{"type": "string", "format": "date-time"}, {"type": "string", "maxLength": 0}]})
 # Its length here (a validation_error); what it may hold is app.api.inputs.check_camera's (invalid_camera).
 Camera = Annotated[str, StringConstraints(max_length=MAX_CAMERA_LENGTH)]
 

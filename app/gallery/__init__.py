@@ -10,7 +10,7 @@ from app.columns import EntryFilter
 from app.faults import ModelMismatch
 from app.gallery.binding import mismatch_message
 from app.gallery.changelog import WRITE_LOCK
-from app.gallery.core import BeforeInsert, Enrolled, Gallery, NewEntry
+from app.gallery.core import BeforeInsert, Enrolled, Gallery, NewEntry, StoredCrop
 from app.gallery.locks import lock_data_dir
 from app.gallery.state import EntrySummary
 
@@ -23,6 +23,7 @@ __all__ = [
     "Gallery",
     "ModelMismatch",
     "NewEntry",
+    "StoredCrop",
     "lock_data_dir",
     "mismatch_message",
 ]

@@ -73,6 +73,8 @@ class NewEntry:
     track: str | None = None  # sightings only: the tracker's id of its tracklet
 
 
+# A crop stored for an enrolment: (sha256 of the upload, path relative to the data folder, width, height).
+StoredCrop = tuple[str, str, int, int]
 # Called inside an enrolment's transaction before the entries are inserted: may add rows (new people) and fill
 # the NewEntry fields that depend on them, so that all of it commits or none.
 BeforeInsert = Callable[[Session, list[NewEntry]], None]
@@ -403,6 +405,23 @@ class Gallery:
         """Save the decoded crop durably under a content-addressed name, held until the add that uses it."""
         return self.crops.store(data, image)
 
+    def hold_crops(self, uploads: Sequence[tuple[bytes, Image.Image]]) -> list[StoredCrop]:
+        """Store the decoded crops durably, each held (no delete takes its file) until ``enroll_held`` commits or
+        ``release_crops``: a route stores them while the network runs, so their fsyncs cost no time."""
+        crops: list[StoredCrop] = []
+        try:
+            for data, image in uploads:
+                digest, relative = self.crops.store(data, image)
+                crops.append((digest, relative, image.width, image.height))
+        except BaseException:
+            self.release_crops(crops)
+            raise
+        return crops
+
+    def release_crops(self, crops: Sequence[StoredCrop]) -> None:
+        """Let go of held crops that will not be enrolled (the network refused the request)."""
+        self.crops.release(relative for _, relative, _, _ in crops)
+
     def enroll(
         self,
         new: Sequence[NewEntry],
@@ -414,17 +433,32 @@ class Gallery:
         answer: Callable[[list[Entry]], str] | None = None,
         before_insert: BeforeInsert | None = None,
     ) -> Enrolled:
-        """Store the crops and enrol them, ``new[i]`` saying what ``uploads[i]`` is (one call, one thread-pool
-        hop); acknowledged once committed. With an ``idempotency_key``, ``answer(entries)`` is committed with the
-        entries and a retry gets it back."""
-        if idempotency_key is not None:
-            previous = self.idempotent_answer(idempotency_key, request_sha256)
-            if previous is not None:
-                return Enrolled([], previous)
-        crops = []
-        for data, image in uploads:
-            digest, relative = self.crops.store(data, image)
-            crops.append((digest, relative, image.width, image.height))
+        """Store the crops and enrol them, ``new[i]`` saying what ``uploads[i]`` is: ``hold_crops`` then
+        ``enroll_held`` in one call."""
+        return self.enroll_held(
+            new,
+            self.hold_crops(uploads),
+            vectors,
+            idempotency_key=idempotency_key,
+            request_sha256=request_sha256,
+            answer=answer,
+            before_insert=before_insert,
+        )
+
+    def enroll_held(
+        self,
+        new: Sequence[NewEntry],
+        crops: list[StoredCrop],
+        vectors: np.ndarray,
+        *,
+        idempotency_key: str | None = None,
+        request_sha256: str = "",
+        answer: Callable[[list[Entry]], str] | None = None,
+        before_insert: BeforeInsert | None = None,
+    ) -> Enrolled:
+        """Enrol crops ``hold_crops`` stored, ``new[i]`` saying what ``crops[i]`` is; acknowledged once committed,
+        the holds released either way. With an ``idempotency_key``, ``answer(entries)`` is committed with the
+        entries and a retry gets it back (the first answer, when the key committed meanwhile)."""
         return self._add(
             list(new),
             crops,
@@ -453,7 +487,7 @@ class Gallery:
         identity: str,
         camera: str | None,
         meta: dict[str, Any],
-        crops: list[tuple[str, str, int, int]],
+        crops: list[StoredCrop],
         vectors: np.ndarray,
         captured_at: datetime | None = None,
     ) -> list[Entry]:
@@ -465,7 +499,7 @@ class Gallery:
     def _add(
         self,
         new: list[NewEntry],
-        crops: list[tuple[str, str, int, int]],
+        crops: list[StoredCrop],
         vectors: np.ndarray,
         *,
         idempotency_key: str | None = None,

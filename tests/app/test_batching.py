@@ -164,12 +164,18 @@ def test_full_queue_answers_503_with_retry_after(settings: Settings) -> None:
             assert refused.json()["code"] == "overloaded" and refused.headers["retry-after"] == "1"
             query = client.post("/query", files={"file": ("q.png", png_bytes(2), "image/png")})
             assert query.status_code == 503 and query.json()["code"] == "overloaded"
+            # An enrolment refused by the network: its crop, stored while the network was asked, is let go.
+            enrol = client.post(
+                "/gallery", files={"files": ("e.png", png_bytes(3), "image/png")}, data={"identity": "e"}
+            )
+            assert enrol.status_code == 503 and enrol.json()["code"] == "overloaded"
+            assert sum(app.state.reid.gallery.crops._holds.values()) == 0
             release.set()
             assert first.result(HANG_GUARD_S).status_code == 200
             assert second.result(HANG_GUARD_S).status_code == 200
         embedder.embed_sync = embed_sync
         assert client.post("/embed", files=files).status_code == 200
-        assert "reid_overloaded_total 2.0" in client.get("/metrics").text
+        assert "reid_overloaded_total 3.0" in client.get("/metrics").text
 
 
 def test_work_of_a_request_answered_504_is_never_started(settings: Settings) -> None:

@@ -45,7 +45,7 @@ def test_a_request_answered_504_that_committed_is_not_enrolled_twice_by_its_retr
     settings = settings.model_copy(update={"request_timeout_s": 1.0})
     with TestClient(create_app(settings)) as client:
         gallery = client.app.state.reid.gallery
-        enroll = gallery.enroll
+        enroll = gallery.enroll_held
         slow = threading.Event()
         slow.set()
 
@@ -55,7 +55,7 @@ def test_a_request_answered_504_that_committed_is_not_enrolled_twice_by_its_retr
                 time.sleep(2.0)  # committed, then the answer is too late
             return enrolled
 
-        monkeypatch.setattr(gallery, "enroll", commit_then_stall)
+        monkeypatch.setattr(gallery, "enroll_held", commit_then_stall)
         timed_out = post(client, 3, "retry-me")
         assert timed_out.status_code == 504
         time.sleep(2.0)

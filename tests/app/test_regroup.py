@@ -53,8 +53,9 @@ def send(gallery: Gallery, tracks: list[tuple[str, str | None, float, list[float
             items.append(Sighting(camera, T0 + timedelta(minutes=minutes), track))
             vectors.append(at(x))
     uploads = [crop(i + len(gallery) * 7) for i in range(len(items))]
+    crops = gallery.hold_crops(uploads)
     _, decisions, _ = sightings.enroll(
-        gallery, items, uploads, np.stack(vectors), THRESHOLD, "mean", timedelta(seconds=1)
+        gallery, items, crops, np.stack(vectors), THRESHOLD, "mean", timedelta(seconds=1)
     )
     return [d.person_id for d in decisions]
 

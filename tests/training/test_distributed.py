@@ -83,8 +83,11 @@ def test_two_gloo_ranks_train_like_one_process_with_the_global_batch(tmp_path) -
     rank0, rank1 = _two_ranks(_train, tmp_path)
     # The reference is one float64 process. Measured on a 2-core Xeon with AMX: one float32 process lands up to 1%
     # away from it in the stem's and layer1's updates, while the 2 ranks, whose synchronised statistics are
-    # computed in float64, stay within 1e-4 of it.
+    # computed in float64, stay within 1e-4 of it. On a CPU without AVX-512 (an AMD EPYC here) float32's own
+    # rounding moves the stem 1.8% from float64, in one process as in two: the bar is then what one float32
+    # process reaches, with room to spare, never less than 1e-3.
     single = _train(0, 1, torch.float64)
+    single32 = _train(0, 1, torch.float32)
     torch.manual_seed(0)
     initial = build_networks(_config(), torch.device("cpu"), train_pids=list(range(2 * P)))
     start = {f"model.{k}": v.float() for k, v in initial.train_model.state_dict().items()}
@@ -98,8 +101,10 @@ def test_two_gloo_ranks_train_like_one_process_with_the_global_batch(tmp_path) -
             moved, expected = rank0[stage][name] - start[name], value - start[name]
             # The extractor's gradients agree to about 1e-5; the mask generator's (tiny, from cancelling terms
             # through the extractor) to about 1e-2 of their size.
-            rtol = 2e-2 if name.startswith("mask.") else 1e-3
-            error = (moved - expected).norm() / expected.norm().clamp_min(1e-12)
+            scale = expected.norm().clamp_min(1e-12)
+            float32_error = float(((single32[stage][name] - start[name]) - expected).norm() / scale)
+            rtol = 2e-2 if name.startswith("mask.") else max(1e-3, 2 * float32_error)
+            error = (moved - expected).norm() / scale
             assert error < rtol or expected.norm() < 1e-7, (stage, name, float(error))
             moved_any |= name.startswith("model.extractor") and bool(expected.abs().max() > 1e-5)
         assert moved_any, stage

@@ -17,7 +17,7 @@ from app.api.deps import (
     EntryId,
     GalleryDep,
     ReadyDep,
-    templates_of,
+    templates_and_crops,
     uploads,
     utc,
 )
@@ -169,11 +169,11 @@ async def enroll(
         previous = await run_in_threadpool(gallery.idempotent_answer, idempotency_key, fingerprint)
         if previous is not None:
             return replayed(previous)
-    vectors = await templates_of(state, [u.image for u in loaded])
+    vectors, crops = await templates_and_crops(state, loaded)
     enrolled = await run_in_threadpool(
-        gallery.enroll,
+        gallery.enroll_held,
         [NewEntry(identity, camera, meta, captured_at) for _ in loaded],
-        [(u.data, u.image) for u in loaded],
+        crops,
         vectors,
         idempotency_key=idempotency_key,
         request_sha256=fingerprint,

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from starlette.concurrency import run_in_threadpool
 
 from app import sightings as grouping
-from app.api.deps import ReadyDep, templates_of, uploads, utc
+from app.api.deps import ReadyDep, templates_and_crops, uploads, utc
 from app.api.inputs import MAX_CAMERA_LENGTH, MAX_IDENTITY_LENGTH, check_camera, check_track
 from app.api.routes.gallery import IDEMPOTENCY_HEADER, replayed
 from app.errors import ApiError, problem_responses
@@ -135,12 +135,12 @@ async def enroll_sightings(
             return replayed(previous)
     assert state.embedder is not None
     threshold, source = grouping.join_threshold(settings, state.embedder.provenance, state.embedder.trained)
-    vectors = await templates_of(state, [u.image for u in loaded])
+    vectors, crops = await templates_and_crops(state, loaded)
     tracklets, decisions, previous = await run_in_threadpool(
         grouping.enroll,
         gallery,
         parsed,
-        [(u.data, u.image) for u in loaded],
+        crops,
         vectors,
         threshold,
         settings.tracklet_aggregation,
