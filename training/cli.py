@@ -135,6 +135,8 @@ def build_loaders(config: TrainConfig, rank: int = 0, world_size: int = 1):
     from training.transforms import build_train_transform, split_train_transform
 
     dataset = build_dataset(config.dataset, config.root, **config.dataset_kwargs)
+    if not dataset.train:
+        raise ValueError(f"{config.root} has no train images: fit needs some (evaluate does not)")
     model_config = config.model_config()
     sampler = RandomIdentitySampler(
         dataset.train,

@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import SHARED_DATA, require_shared
 from tests.training.conftest import write_jpg
+from training.cli import build_loaders
+from training.config import TrainConfig
 from training.data import build_dataset
 
 
@@ -60,7 +62,14 @@ def test_manifest_with_an_empty_split_or_no_query_camera_is_an_error(manifest_ro
         build_dataset("folder", manifest_root.root, query_camid=5)
     lines = [line for line in manifest.read_text().splitlines() if not line.endswith(",train")]
     manifest.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=f"{manifest} has no train images"):
+    site = build_dataset("folder", manifest_root.root)  # a site to evaluate has no train split
+    assert site.train == [] and site.query and site.gallery
+    config = TrainConfig(dataset="folder", root=str(manifest_root.root))
+    with pytest.raises(ValueError, match=f"{manifest_root.root} has no train images: fit needs some"):
+        build_loaders(config)
+    lines = [line for line in lines if not line.endswith(",val")]
+    manifest.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=f"{manifest} has no query images"):
         build_dataset("folder", manifest_root.root)
 
 

@@ -123,7 +123,7 @@ def read_manifest(manifest: str | Path, query_camid: int = 0) -> ReidDataset:
         if not rows["query"]:
             cams = sorted({s.camid for s in rows["val"]})
             raise ValueError(f"{manifest}: no val image has query_camid {query_camid}; val cameras are {cams}")
-    for split in ("train", "query", "gallery"):
+    for split in ("query", "gallery"):  # no train split is fine: a site to evaluate (or adapt to) has none
         if not rows[split]:
             raise ValueError(f"{manifest} has no {split} images")
     dataset = ReidDataset(
