@@ -39,6 +39,11 @@ PERSON_MERGED = "merged"
 UNNAMED_PREFIX = "unknown-"
 # PostgreSQL NOTIFY channel on which writers announce a change (delivered when their transaction commits).
 NOTIFY_CHANNEL = "reid_changes"
+# PostgreSQL advisory lock keys, all here so that no two jobs share one.
+MIGRATE_LOCK = 0x5E1D_0001  # replicas starting together migrate one at a time
+WRITE_LOCK = 0x5E1D_0002  # every writer holds it until its commit: seq order = commit order
+REEMBED_LOCK = 0x5E1D_0003  # the one re-embed run
+REGROUP_LOCK = 0x5E1D_0004  # one replica re-groups at a time
 # Keys of reid_meta.
 META_FINGERPRINT = "fingerprint"
 META_REEMBED_TARGET = "reembed_target"

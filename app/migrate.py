@@ -14,11 +14,12 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
+from app.db import MIGRATE_LOCK
+
 logger = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 FIRST_REVISION = "0001"  # the schema of the release before migrations (create_all)
-MIGRATE_LOCK = 0x5E1D_0001  # PostgreSQL advisory lock: replicas starting together migrate one at a time
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

@@ -30,17 +30,17 @@ from app.db import (
     META_REEMBED_TARGET,
     NOTIFY_CHANNEL,
     OP_REEMBED,
+    REEMBED_LOCK,
+    WRITE_LOCK,
     Change,
     Entry,
     GalleryMeta,
     make_sessionmaker,
 )
-from app.gallery.changelog import WRITE_LOCK
 
 logger = logging.getLogger(__name__)
 
 Embed = Callable[[list[Image.Image]], np.ndarray]
-REEMBED_LOCK = 0x5E1D_0003  # PostgreSQL advisory lock held by the one re-embed run
 
 
 @contextlib.contextmanager

@@ -33,14 +33,13 @@ import numpy as np
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
-from app.db import PERSON_MERGED, PERSON_PROVISIONAL, Entry, PeopleApart, Person
+from app.db import PERSON_MERGED, PERSON_PROVISIONAL, REGROUP_LOCK, Entry, PeopleApart, Person
 from app.gallery import Gallery
 from app.sightings import unnamed_label
 from models.clustering import constrained_groups, knn_pairs, pair_distances
 
 logger = logging.getLogger(__name__)
 
-REGROUP_LOCK = 0x5E1D_0003  # PostgreSQL advisory lock: one replica re-groups at a time
 NEIGHBOURS = 10
 EXACT_KNN_MAX = 20_000
 IVF_PROBE = 16  # units looked at per unit: a person seen in more tracks than this chains through its neighbours

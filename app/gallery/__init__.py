@@ -9,13 +9,11 @@
 from app.columns import EntryFilter
 from app.faults import ModelMismatch
 from app.gallery.binding import mismatch_message
-from app.gallery.changelog import WRITE_LOCK
 from app.gallery.core import BeforeInsert, Enrolled, Gallery, NewEntry, StoredCrop
 from app.gallery.locks import lock_data_dir
 from app.gallery.state import EntrySummary
 
 __all__ = [
-    "WRITE_LOCK",
     "BeforeInsert",
     "Enrolled",
     "EntryFilter",

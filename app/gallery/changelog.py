@@ -11,11 +11,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from app.columns import to_microseconds
-from app.db import NOTIFY_CHANNEL, OP_ADD, Change, Entry
+from app.db import NOTIFY_CHANNEL, OP_ADD, WRITE_LOCK, Change, Entry
 from app.faults import WriteBusy, is_busy
 from app.gallery.state import ChangeMark
 
-WRITE_LOCK = 0x5E1D_0002  # PostgreSQL advisory lock every writer holds until commit: seq order = commit order
 REPLAY_BATCH = 2_000
 
 

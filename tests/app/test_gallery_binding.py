@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 from sqlalchemy import select, text
 
-from app.db import Entry, make_engine
+from app.db import WRITE_LOCK, Entry, make_engine
 from app.faults import WriteBusy, fatal_reason, is_busy
 from app.gallery import Gallery, NewEntry
-from app.gallery.changelog import WRITE_LOCK
 from tests.app.conftest import png_bytes
 
 DIM = 8

@@ -103,7 +103,7 @@ def test_a_database_restored_behind_the_snapshot_is_not_paired_with_it(tmp_path:
 
 @pytest.mark.postgres
 def test_a_stuck_writer_elsewhere_gets_writes_a_503_and_reads_are_answered(tmp_path: Path, small_weights: Path) -> None:
-    from app.gallery.changelog import WRITE_LOCK
+    from app.db import WRITE_LOCK
     from tests.app.conftest import POSTGRES_URL, _postgres_schema_url
 
     schema = _postgres_schema_url()

@@ -16,6 +16,7 @@ from PIL import Image
 from app import people, sightings
 from app.db import make_engine
 from app.gallery import Gallery
+from app.reembed import one_run
 from app.regroup import regroup
 from app.sightings import Sighting
 
@@ -74,6 +75,17 @@ def test_a_bridge_seen_later_merges_two_people_into_the_older_id(gallery: Galler
     assert person_of(gallery, a).sightings == 3  # the older id stays
     assert person_of(gallery, b).status == "merged" and person_of(gallery, b).merged_into == a
     assert regroup(gallery, THRESHOLD).moved == 0  # a second run has nothing to repair
+
+
+def test_a_reembed_run_does_not_hold_up_regrouping(gallery: Gallery) -> None:
+    # On PostgreSQL each job takes its own advisory lock: the two once shared a key, so a re-grouping skipped
+    # itself ("another replica is re-grouping") while a re-embed ran, and a re-embed refused while one re-grouped.
+    send(gallery, [("c1", "1", 0, [0.0])])
+    send(gallery, [("c2", "2", 1, [1.8])])
+    send(gallery, [("c3", "3", 2, [0.85])])
+    with one_run(gallery.engine):
+        done = regroup(gallery, THRESHOLD)
+    assert done.skipped is None and done.moved == 1
 
 
 def test_online_joining_agrees_with_batch_grouping_on_separated_people(gallery: Gallery) -> None:
