@@ -3,6 +3,7 @@
 reid-admin migrate             # apply the database migrations (else the service applies them at start-up)
 reid-admin reembed             # recompute every template under REID_WEIGHTS, then switch the gallery to them
 reid-admin ingest --tracks T --frames F --camera C   # send a tracker's tracks to a running service (POST /sightings)
+reid-admin export-crops --out DIR   # the stored crops with cameras, no names: what `python -m training adapt` reads
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from datetime import UTC, datetime
+from pathlib import Path
 
 logger = logging.getLogger("app.admin")
 
@@ -32,7 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
         "track cut from its image folder or video, resumable; an HTTP client, needing neither database nor model",
     )
     add_arguments(ingest)
+    export = commands.add_parser(
+        "export-crops",
+        help="write the gallery's stored crops with their cameras, tracks and capture times (no names) as the "
+        "manifest `python -m training adapt --site` reads",
+    )
+    export.add_argument("--out", type=Path, required=True, help="folder for manifest.csv and crops/")
+    export.add_argument("--since", type=_time, help="only crops captured at or after this time (RFC 3339)")
+    export.add_argument("--until", type=_time, help="only crops captured at or before this time (RFC 3339)")
     return parser
+
+
+def _time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time such as 2024-05-01T12:00:00Z") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +76,15 @@ def main(argv: list[str] | None = None) -> int:
 
             before, after = migrate.upgrade(engine)
             logger.info("database schema: %s -> %s", before or "empty", after)
+            return 0
+        if args.command == "export-crops":
+            from app.export_crops import export_crops
+
+            try:
+                export_crops(engine, settings.data_dir, args.out, args.since, args.until, progress=True)
+            except (ValueError, OSError) as exc:
+                logger.error("%s", exc)
+                return 1
             return 0
         from app.embedder import Embedder
         from app.gallery import lock_data_dir

@@ -1,4 +1,4 @@
-"""``python -m training {fit,evaluate,export,demo}``: a thin argparse layer over the engine."""
+"""``python -m training {fit,evaluate,export,adapt,demo}``: a thin argparse layer over the engine."""
 
 from __future__ import annotations
 
@@ -72,6 +72,44 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query-camid", type=int, default=0, help="folder/CSV data: the val camera used as queries")
 
 
+def _add_adapt_args(p: argparse.ArgumentParser) -> None:
+    from training.adapt import AdaptConfig, ClusterSettings
+
+    d, c = AdaptConfig("", ""), ClusterSettings()
+    p.add_argument("--weights", required=True, help="the source weights file (.safetensors)")
+    p.add_argument(
+        "--site", required=True, help="the site's crops: a folder (one subfolder per camera) or a manifest "
+        "(path,camid; a pid column is read by --eval alone)",
+    )  # fmt: skip
+    p.add_argument("--out", default=d.out, help="run folder: checkpoint, adapt.json and model.safetensors")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="pseudo-label refreshes (default %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps, help="P x K steps per round (default %(default)s)")
+    p.add_argument("--p", type=int, default=d.p, help="clusters per batch (default %(default)s)")
+    p.add_argument("--k", type=int, default=d.k, help="crops per cluster in a batch (default %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam's learning rate (default %(default)s)")
+    p.add_argument("--freeze-blocks", type=int, default=d.freeze_blocks, help="leading trunk blocks kept as they are")
+    p.add_argument("--random-erasing", type=float, default=d.random_erasing, help="(default %(default)s)")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="cluster memory's (default %(default)s)")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="cluster memory's (default %(default)s)")
+    p.add_argument("--proxy-weight", type=float, default=d.proxy_weight, help="camera proxies' weight; 0: none")
+    p.add_argument("--k1", type=int, default=c.k1, help="Jaccard distance's k1 (default %(default)s)")
+    p.add_argument("--k2", type=int, default=c.k2, help="Jaccard distance's k2 (default %(default)s)")
+    p.add_argument("--eps", type=float, default=c.eps, help="DBSCAN's eps on it (default %(default)s)")
+    p.add_argument("--min-samples", type=int, default=c.min_samples, help="DBSCAN's (default %(default)s)")
+    p.add_argument(
+        "--camera-centring", action=argparse.BooleanOptionalAction, default=c.camera_centring,
+        help="cluster with each camera's mean template taken out",
+    )  # fmt: skip
+    p.add_argument("--amp", choices=("none", "bf16"), default=d.amp, help="mixed precision of the steps")
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help="fixes the weights for the same crops (default %(default)s)"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
+    p.add_argument("--eval", action="store_true", help="print the site's figures each round (needs a pid column)")
+    p.add_argument("--query-camid", type=int, default=d.query_camid, help="--eval's query camera")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -87,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--weights", required=True, default=None, help="weights file (.safetensors)")
     ev.add_argument("--rerank", action="store_true", help="also the figures after k-reciprocal re-ranking")
     ev.add_argument("--histogram", default=None, help="write the genuine/impostor distance histograms to this PNG")
+
+    ad = sub.add_parser("adapt", help="adapt weights to a site from its unlabeled crops (no identities read)")
+    _add_adapt_args(ad)
 
     ex = sub.add_parser("export", help="write weights for the app (and ONNX) from a run")
     ex.add_argument("--run", required=True, default=None, help="run folder written by fit")
@@ -246,6 +287,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from models.devices import resolve_device
+    from training.adapt import AdaptConfig, ClusterSettings, adapt
+
+    config = AdaptConfig(
+        weights=args.weights, site=args.site, out=args.out, rounds=args.rounds, steps=args.steps, p=args.p, k=args.k,
+        lr=args.lr, freeze_blocks=args.freeze_blocks, random_erasing=args.random_erasing,
+        temperature=args.temperature, momentum=args.momentum, proxy_weight=args.proxy_weight,
+        cluster=ClusterSettings(args.k1, args.k2, args.eps, args.min_samples, args.camera_centring), amp=args.amp,
+        seed=args.seed, device=str(resolve_device(args.device)), workers=args.workers, eval=args.eval,
+        query_camid=args.query_camid,
+    )  # fmt: skip
+    path = adapt(config, progress=lambda it, desc, total: _progress(desc)(it))
+    sys.stdout.write(f"weights: {path}\n")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from models.devices import resolve_device
     from training.data.synthetic import generate_synthetic_market1501
@@ -290,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
-    commands = {"fit": cmd_fit, "evaluate": cmd_evaluate, "export": cmd_export, "demo": cmd_demo}
+    commands = {"fit": cmd_fit, "evaluate": cmd_evaluate, "export": cmd_export, "adapt": cmd_adapt, "demo": cmd_demo}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:

@@ -1,0 +1,201 @@
+"""Adaptation to a site (training.adapt): pseudo-identities from clustering, the contrastive memories, and the
+command itself: it runs, resumes, never reads identities, and records where its weights come from."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from models import ModelConfig, build_extractor, load_weights, save_weights
+from training.adapt import AdaptConfig, ClusterSettings, adapt, camera_centred, pseudo_labels, read_site
+from training.adapt.memory import CameraProxies, ClusterMemory
+from training.cli import main
+
+TINY = ModelConfig(backbone="resnet18", feat_dim=16, input_height=64, input_width=32, unet_base_width=4)
+
+
+def people_features(people: int, per_camera: int, cameras: int, shift: float, seed: int = 0):
+    """Unit templates of ``people`` people seen ``per_camera`` times by each camera, every camera adding the same
+    offset of norm ``shift`` to what it sees (its light and angle)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(people, 64))
+    offsets = rng.normal(size=(cameras, 64))
+    offsets *= shift / np.linalg.norm(offsets, axis=1, keepdims=True)
+    rows, pids, cams = [], [], []
+    for person in range(people):
+        for cam in range(cameras):
+            for _ in range(per_camera):
+                rows.append(centres[person] / np.linalg.norm(centres[person]) + 0.15 * rng.normal(size=64) / 8
+                            + offsets[cam])  # fmt: skip
+                pids.append(person)
+                cams.append(cam)
+    x = np.asarray(rows, np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), np.array(pids), np.array(cams)
+
+
+def pair_scores(labels: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    kept = labels >= 0
+    same_label = (labels[:, None] == labels[None, :]) & kept[:, None] & kept[None, :]
+    same_truth = truth[:, None] == truth[None, :]
+    off = ~np.eye(len(labels), dtype=bool)
+    together, truly = same_label & off, same_truth & off
+    return (together & truly).sum() / max(together.sum(), 1), (together & truly).sum() / truly.sum()
+
+
+def test_pseudo_labels_recover_people_that_cameras_shift_apart() -> None:
+    x, pids, cams = people_features(people=60, per_camera=2, cameras=2, shift=1.2)
+    settings = ClusterSettings(k1=6, k2=3, eps=0.6, min_samples=2, camera_centring=True)
+    precision, recall = pair_scores(pseudo_labels(x, cams, settings), pids)
+    assert precision > 0.95 and recall > 0.9, (precision, recall)
+    # Without the centring each camera's offset outweighs who a crop shows: clusters stay within one camera.
+    labels = pseudo_labels(x, cams, ClusterSettings(k1=6, k2=3, eps=0.6, min_samples=2, camera_centring=False))
+    crossing = [len(np.unique(cams[labels == c])) > 1 for c in np.unique(labels[labels >= 0])]
+    assert not any(crossing)
+    centred = camera_centred(x, cams)
+    assert np.allclose(np.linalg.norm(centred, axis=1), 1.0, atol=1e-5)
+
+
+def test_dbscan_eps_is_the_largest_jaccard_distance_that_links() -> None:
+    from models.clustering import dbscan
+
+    d = np.array([[0.0, 0.5, 0.9], [0.5, 0.0, 0.9], [0.9, 0.9, 0.0]], np.float32)
+    assert dbscan(d, eps=0.5, min_samples=2).tolist() == [0, 0, -1]  # a distance equal to eps links
+    assert dbscan(d, eps=0.49, min_samples=2).tolist() == [-1, -1, -1]
+    assert dbscan(d, eps=0.9, min_samples=2).tolist() == [0, 0, 0]
+
+
+def test_memories_have_the_right_shapes_and_pull_towards_the_own_cluster() -> None:
+    torch.manual_seed(0)
+    feats = torch.nn.functional.normalize(torch.randn(12, 8), dim=1)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+    cams = torch.tensor([0, 1, 0, 1, 0, 1, 0, 0, 1, 1, 1, 0])
+    memory = ClusterMemory(feats, labels)
+    proxies = CameraProxies(feats, labels, cams)
+    assert memory.centroids.shape == (4, 8)
+    assert proxies.proxies.shape == (8, 8) and proxies.proxy_label.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert proxies.proxy_index(labels, cams).tolist() == [0, 1, 0, 3, 2, 3, 4, 4, 5, 7, 7, 6]
+    x = feats.clone().requires_grad_(True)
+    loss = memory.loss(x, labels) + proxies.loss(x, labels, cams)
+    loss.backward()
+    assert torch.isfinite(loss) and x.grad is not None and x.grad.abs().sum() > 0
+    # A step down the gradient brings each crop nearer its own cluster's centroid.
+    moved = torch.nn.functional.normalize(x - 0.05 * x.grad, dim=1)
+    own = memory.centroids[labels]
+    assert ((moved * own).sum(1) > (feats * own).sum(1)).float().mean() > 0.9
+    before = memory.centroids.clone()
+    memory.update(feats, labels)
+    proxies.update(feats, labels, cams)
+    assert torch.allclose(memory.centroids.norm(dim=1), torch.ones(4)) and not torch.equal(before, memory.centroids)
+
+
+def make_site(root: Path, people: int = 12, shots: int = 2) -> Path:
+    """A site folder with a manifest (path,camid,pid,split): two cameras, ``shots`` crops of each person by each,
+    a person's crops alike (their own coarse pattern, a little noise), each camera with its own cast."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for person in range(people):
+        pattern = rng.integers(0, 256, size=(8, 4, 3)).astype(np.float32)
+        for cam in range(2):
+            for shot in range(shots):
+                pixels = np.kron(pattern, np.ones((8, 8, 1))) + rng.normal(0, 12, (64, 32, 3)) + 30 * cam
+                name = f"images/{person:04d}_{cam}_{shot}.jpg"
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / name)
+                rows.append({"path": name, "camid": cam, "pid": person + 1, "split": "val"})
+    with (root / "manifest.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["path", "camid", "pid", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture
+def tiny_weights(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    return save_weights(tmp_path / "source.safetensors", build_extractor(TINY).eval(), None, {"recipe": "test"})
+
+
+def tiny_config(weights: Path, site: Path, out: Path, **overrides) -> AdaptConfig:
+    settings = dict(rounds=2, steps=2, p=4, k=2, cluster=ClusterSettings(k1=4, k2=2, eps=0.7, min_samples=2))
+    return AdaptConfig(str(weights), str(site), str(out), **{**settings, **overrides})
+
+
+def test_adapt_never_reads_identities_and_records_its_provenance(tmp_path: Path, tiny_weights: Path) -> None:
+    site = make_site(tmp_path / "site")
+    first = adapt(tiny_config(tiny_weights, site, tmp_path / "a"))
+    # The same crops with their identities shuffled: the very same weights.
+    manifest = site / "manifest.csv"
+    lines = manifest.read_text().splitlines()
+    rows = [line.split(",") for line in lines[1:]]
+    pids = [r[2] for r in rows]
+    random.Random(1).shuffle(pids)
+    manifest.write_text(
+        "\n".join([lines[0], *(",".join([r[0], r[1], p, r[3]]) for r, p in zip(rows, pids, strict=True))]) + "\n"
+    )
+    second = adapt(tiny_config(tiny_weights, site, tmp_path / "b"))
+    with safe_open(first, "pt") as a, safe_open(second, "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in list(a.keys()))
+    source, adapted = load_weights(tiny_weights), load_weights(first)
+    assert source.fingerprint != adapted.fingerprint
+    record = adapted.provenance["adaptation"]
+    assert record["source_fingerprint"] == source.fingerprint and record["site_crops"] == 48
+    assert record["site_crops_sha256"] == read_site(site).sha256() and record["settings"]["cluster"]["k1"] == 4
+    assert adapted.provenance["threshold_split"] == "site pseudo-identities (adaptation)"
+    assert adapted.provenance["recipe"] == "test"
+
+
+def test_adapt_resumes_where_it_stopped(tmp_path: Path, tiny_weights: Path, monkeypatch) -> None:
+    site = make_site(tmp_path / "site")
+    whole = adapt(tiny_config(tiny_weights, site, tmp_path / "whole", rounds=3))
+    from training.adapt import loop
+
+    real = loop._train_round
+    calls = []
+
+    def stop_in_round_2(*args, **kwargs):
+        calls.append(args[-1])
+        if args[-1] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_round", stop_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        adapt(tiny_config(tiny_weights, site, tmp_path / "resumed", rounds=3))
+    monkeypatch.setattr(loop, "_train_round", real)
+    resumed = adapt(tiny_config(tiny_weights, site, tmp_path / "resumed", rounds=3))
+    assert calls == [0, 1, 2]
+    with safe_open(whole, "pt") as a, safe_open(resumed, "pt") as b:
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in list(a.keys()))
+    report = json.loads((tmp_path / "resumed" / "adapt.json").read_text())
+    assert [r["index"] for r in report["rounds"]] == [0, 1, 2]
+    with pytest.raises(ValueError, match="another adaptation's"):
+        adapt(tiny_config(tiny_weights, site, tmp_path / "resumed", rounds=3, lr=1e-3))
+
+
+def test_the_command_adapts_a_folder_and_evaluates_a_manifest(tmp_path: Path, tiny_weights: Path, capsys) -> None:
+    site = make_site(tmp_path / "site")
+    code = main(["adapt", "--weights", str(tiny_weights), "--site", str(site), "--out", str(tmp_path / "run"),
+                 "--rounds", "1", "--steps", "1", "--p", "4", "--k", "2", "--k1", "4", "--k2", "2", "--eps", "0.9",
+                 "--min-samples", "2", "--device", "cpu", "--eval"])  # fmt: skip
+    assert code == 0 and "weights:" in capsys.readouterr().out
+    report = json.loads((tmp_path / "run" / "adapt.json").read_text())
+    assert {"rank1", "mAP", "centred_rank1", "centred_mAP"} <= set(report["final"])
+    assert {row["candidate"] for row in report["thresholds"]} == {"pseudo-identities"}
+    folder = tmp_path / "folder"  # the same crops, one subfolder per camera, no manifest
+    for path in (site / "images").iterdir():
+        target = folder / f"cam{path.stem.split('_')[1]}" / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    assert read_site(folder).cameras == ["cam0", "cam1"]
+    argv = ["adapt", "--weights", str(tiny_weights), "--site", str(folder), "--out", str(tmp_path / "f"), "--eval"]
+    assert main(argv) == 2
+    assert "--eval needs a manifest with a pid column" in capsys.readouterr().err

@@ -1,0 +1,316 @@
+"""``python -m training adapt``: a weights file and a site's unlabeled crops to weights adapted to that site.
+
+Each round: the site's templates under the current weights, pseudo-identities from them (``pseudo_labels``), a
+cluster memory and camera proxies over those (``memory``), then ``steps`` P x K steps on the crops in clusters
+(the left-out ones wait for a later round). The round's checkpoint makes a stopped run resume where it was; a
+seed fixes everything, so the same crops give the same weights. The weights record where they come from: the
+source's fingerprint, the crop list's hash, the method and its settings; and their threshold, estimated from the
+last round's pseudo-identities, says so (``threshold_split``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models import build_eval_transform, load_weights, save_weights
+from models.extractor import FeatureExtractor
+from models.files import atomic_path
+from training.adapt.memory import CameraProxies, ClusterMemory
+from training.adapt.pseudo_labels import ClusterSettings, camera_centred, cluster_summary, pseudo_labels
+from training.adapt.site import Site, read_site, site_identities
+from training.checkpoint import rng_state, set_rng_state
+from training.data.base import ImageDataset, Sample
+from training.evaluation import calibrate_thresholds, evaluate_features, pair_distances
+from training.export import THRESHOLD_FMRS, fmr_curve
+from training.samplers import RandomIdentitySampler
+from training.transforms import split_train_transform
+
+logger = logging.getLogger(__name__)
+
+METHOD = "cluster-contrast + camera-proxies"
+CHECKPOINT = "adapt.pt"
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    weights: str
+    site: str
+    out: str = "runs/adapt"
+    rounds: int = 10  # pseudo-labels refreshed this many times
+    steps: int = 100  # P x K steps per round
+    p: int = 16  # clusters per batch
+    k: int = 4  # crops per cluster
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    freeze_blocks: int = 0  # leading trunk blocks kept as the source has them, BN statistics included
+    random_erasing: float = 0.5
+    temperature: float = 0.05
+    momentum: float = 0.1
+    proxy_weight: float = 0.5  # camera proxies' share of the loss; 0: cluster memory alone
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    amp: str = "none"  # or bf16 (CPUs with AMX / AVX-512 bf16, or CUDA)
+    seed: int = 0
+    device: str = "cpu"
+    workers: int = 0
+    eval: bool = False  # score each round with the manifest's pid column (never trained on)
+    query_camid: int = 0
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the weights (the method's settings): recorded in them, and a resume must match."""
+        out = dataclasses.asdict(self)
+        for key in ("weights", "site", "out", "device", "workers", "eval", "query_camid"):
+            out.pop(key)
+        return out
+
+
+@dataclass
+class Round:
+    index: int
+    clusters: dict[str, float]
+    loss: float
+    seconds: float
+    figures: dict[str, float] = field(default_factory=dict)
+
+
+def _autocast(config: AdaptConfig, device: torch.device):
+    if config.amp == "none":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _freeze(extractor: FeatureExtractor, blocks: int) -> None:
+    """Training mode, with the leading ``blocks`` trunk blocks frozen (no gradients, BN statistics kept)."""
+    extractor.train()
+    for block in extractor.trunk_blocks()[:blocks]:
+        block.eval()
+        for parameter in block.parameters():
+            parameter.requires_grad_(False)
+
+
+@torch.no_grad()
+def templates(extractor: FeatureExtractor, loader: Iterable, device: torch.device) -> torch.Tensor:
+    """(N, D) served templates of the site's crops, in order, float32 on the CPU."""
+    was_training = extractor.training
+    extractor.eval()
+    out = [extractor(images.to(device)).float().cpu() for images, *_ in loader]
+    extractor.train(was_training)
+    return torch.cat(out)
+
+
+def site_figures(features: torch.Tensor, site: Site, pids: list[int], query_camid: int) -> dict[str, float]:
+    """The site's rank-1 and mAP (its cameras' query protocol), raw and camera-centred: for --eval only."""
+    camids = np.array([c.camid for c in site.crops])
+    pids_a = np.asarray(pids)
+    query, gallery = camids == query_camid, camids != query_camid
+    figures = {}
+    for name, x in (("", features), ("centred_", torch.from_numpy(camera_centred(features.numpy(), camids)))):
+        f = evaluate_features(x[query], x[gallery], pids_a[query], pids_a[gallery], camids[query], camids[gallery])
+        figures[f"{name}rank1"], figures[f"{name}mAP"] = f["rank1"], f["mAP"]
+    return figures
+
+
+def pseudo_calibration(features: torch.Tensor, labels: np.ndarray, camids: np.ndarray) -> dict[str, Any]:
+    """The open-set threshold estimated from pseudo-identities: cross-camera pairs in one cluster as genuine,
+    pairs in two as impostors (the left-out crops in none). A site has no labels; how far this estimate is from
+    the true false-match rate is measured in docs/TRAINING.md."""
+    genuine, impostor = pair_distances(features, features, labels, labels, camids, camids)
+    return {
+        "thresholds": calibrate_thresholds(genuine, impostor, THRESHOLD_FMRS),
+        "fmr_curve": fmr_curve(impostor),
+        "threshold_split": "site pseudo-identities (adaptation)",
+        "threshold_pairs": {"genuine": len(genuine) // 2, "impostor": len(impostor) // 2},
+    }
+
+
+def _true_fmr(features: torch.Tensor, pids: list[int], camids: np.ndarray, distance: float) -> float:
+    _, impostor = pair_distances(features, features, np.asarray(pids), np.asarray(pids), camids, camids)
+    return float((impostor <= distance).mean())
+
+
+def adapt(config: AdaptConfig, progress: Callable[[Iterable, str, int], Iterable] | None = None) -> Path:
+    """Run (or resume) an adaptation; the adapted weights' path (``out/model.safetensors``)."""
+    began = time.monotonic()
+    progress = progress or (lambda it, desc, total: it)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(config.device)
+    source = load_weights(config.weights, device)
+    source_fingerprint = source.fingerprint  # now: the extractor below is trained in place
+    extractor = source.extractor
+    site = read_site(config.site)
+    camids = np.array([c.camid for c in site.crops])
+    site_sha = site.sha256()
+    pids = site_identities(site) if config.eval else None
+    if config.eval and pids is None:
+        raise ValueError(f"--eval needs a manifest with a pid column under {config.site}")
+    logger.info("site %s: %d crops, %d cameras (%s)", site.root, len(site.crops), len(site.cameras), site_sha[:12])
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    samples = [Sample(c.path, -1, c.camid) for c in site.crops]  # pid -1: this dataset holds no identities
+    eval_loader = torch.utils.data.DataLoader(
+        ImageDataset(samples, build_eval_transform(source.config)), batch_size=128, num_workers=config.workers
+    )
+    prepare, augment = split_train_transform(source.config, erasing_p=config.random_erasing)
+    train_set = ImageDataset(samples, augment, prepare)
+    _freeze(extractor, config.freeze_blocks)
+    params = [p for p in extractor.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+    history: list[Round] = []
+    start = _resume(out / CHECKPOINT, config, site_sha, extractor, optimizer, history)
+    for index in progress(range(start, config.rounds), "adapting", config.rounds - start):
+        round_began = time.monotonic()
+        features = templates(extractor, eval_loader, device)
+        figures = site_figures(features, site, pids, config.query_camid) if pids is not None else {}
+        labels = pseudo_labels(features.numpy(), camids, config.cluster)
+        summary = cluster_summary(labels, camids)
+        loss = _train_round(config, extractor, optimizer, train_set, features, labels, camids, device, index)
+        history.append(Round(index, summary, loss, time.monotonic() - round_began, figures))
+        logger.info("round %d: %s, loss %.3f%s", index, _words(summary), loss, _figure_words(figures))
+        _checkpoint(out / CHECKPOINT, config, site_sha, extractor, optimizer, history)
+
+    features = templates(extractor, eval_loader, device)
+    labels = pseudo_labels(features.numpy(), camids, config.cluster)
+    calibration = pseudo_calibration(features, labels, camids)
+    provenance = {
+        **{k: v for k, v in source.provenance.items() if k not in calibration},
+        **calibration,
+        "adaptation": {
+            "method": METHOD,
+            "settings": config.settings(),
+            "source_fingerprint": source_fingerprint,
+            "site_crops": len(site.crops),
+            "site_cameras": len(site.cameras),
+            "site_crops_sha256": site_sha,
+        },
+    }
+    path = save_weights(out / "model.safetensors", extractor.eval(), source.mask_generator, provenance)
+    report: dict[str, Any] = {"rounds": [dataclasses.asdict(r) for r in history], "seconds": time.monotonic() - began}
+    if pids is not None:
+        report["final"] = site_figures(features, site, pids, config.query_camid)
+        report["thresholds"] = _threshold_check(source, calibration, features, pids, camids, eval_loader, device)
+        logger.info("adapted: %s", _figure_words(report["final"]).lstrip(", "))
+    with atomic_path(out / "adapt.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
+    logger.info("wrote %s (%.0f s)", path, time.monotonic() - began)
+    return path
+
+
+def _threshold_check(source, calibration, features, pids, camids, eval_loader, device) -> list[dict[str, Any]]:
+    """--eval: the false-match rate each candidate default threshold really gives on the site."""
+    rows = []
+    for entry in calibration["thresholds"]:
+        rows.append({"candidate": "pseudo-identities", "target_fmr": entry["fmr"], "distance": entry["distance"],
+                     "site_fmr": _true_fmr(features, pids, camids, entry["distance"])})  # fmt: skip
+    for entry in source.provenance.get("thresholds", []):
+        rows.append({"candidate": f"source ({source.provenance.get('threshold_split', '?')})", "target_fmr":
+                     entry["fmr"], "distance": entry["distance"],
+                     "site_fmr": _true_fmr(features, pids, camids, entry["distance"])})  # fmt: skip
+    return rows
+
+
+def _train_round(
+    config: AdaptConfig,
+    extractor: FeatureExtractor,
+    optimizer: torch.optim.Optimizer,
+    train_set: ImageDataset,
+    features: torch.Tensor,
+    labels: np.ndarray,
+    camids: np.ndarray,
+    device: torch.device,
+    index: int,
+) -> float:
+    kept = np.flatnonzero(labels >= 0)
+    if len(np.unique(labels[kept])) < config.p:
+        logger.warning(
+            "round %d: %d clusters, fewer than P = %d: nothing trained", index, len(np.unique(labels[kept])), config.p
+        )
+        return float("nan")
+    y = torch.from_numpy(labels)
+    cams = torch.from_numpy(camids)
+    memory = ClusterMemory(features[kept], y[kept], config.temperature, config.momentum)
+    proxies = CameraProxies(features[kept], y[kept], cams[kept]) if config.proxy_weight > 0 else None
+    clustered = [Sample(train_set.samples[i].path, int(labels[i]), int(camids[i])) for i in kept]
+    sampler = RandomIdentitySampler(clustered, config.p, config.k, seed=config.seed)
+    subset = torch.utils.data.Subset(train_set, kept.tolist())
+    loader = torch.utils.data.DataLoader(
+        subset, batch_size=config.p * config.k, sampler=sampler, drop_last=True, num_workers=config.workers
+    )
+    losses: list[float] = []
+    epoch = 0
+    while len(losses) < config.steps:
+        sampler.set_epoch(index * 1000 + epoch)
+        epoch += 1
+        for images, _pid, _camid, rows in loader:
+            batch_y, batch_cam = y[rows], cams[rows]
+            with _autocast(config, device):
+                before, after = extractor.forward_neck(images.to(device))
+            f = (after if extractor.config.neck_feat == "after" else before).float()
+            loss = memory.loss(f, batch_y.to(device))
+            if proxies is not None:
+                loss = loss + config.proxy_weight * proxies.loss(f, batch_y.to(device), batch_cam.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            memory.update(f.cpu(), batch_y)
+            if proxies is not None:
+                proxies.update(f.cpu(), batch_y, batch_cam)
+            losses.append(float(loss.detach()))
+            if len(losses) == config.steps:
+                break
+    return float(np.mean(losses))
+
+
+def _checkpoint(path, config, site_sha, extractor, optimizer, history) -> None:
+    from training.checkpoint import save_checkpoint
+
+    save_checkpoint(path, {
+        "settings": json.dumps(config.settings(), sort_keys=True), "site_sha256": site_sha,
+        "weights": str(config.weights), "extractor": extractor.state_dict(), "optimizer": optimizer.state_dict(),
+        "rng": rng_state(), "history": json.dumps([dataclasses.asdict(r) for r in history]),
+    })  # fmt: skip
+
+
+def _resume(path, config, site_sha, extractor, optimizer, history) -> int:
+    """The round to start from: 0, or the one after the checkpoint's when it is this run's."""
+    if not path.is_file():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["settings"] != json.dumps(config.settings(), sort_keys=True) or state["site_sha256"] != site_sha:
+        raise ValueError(
+            f"{path} is another adaptation's (other settings or other crops): pass another --out, or delete it"
+        )
+    extractor.load_state_dict(state["extractor"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    history.extend(Round(**r) for r in json.loads(state["history"]))
+    logger.info("resuming after round %d of %d (%s)", len(history) - 1, config.rounds, path)
+    return len(history)
+
+
+def _words(summary: dict[str, float]) -> str:
+    return (
+        f"{summary['clusters']:.0f} clusters ({summary['clustered']:.0%} of crops, mean size "
+        f"{summary['mean_size']:.1f}, {summary['cross_camera']:.0%} across cameras)"
+    )
+
+
+def _figure_words(figures: dict[str, float]) -> str:
+    if not figures:
+        return ""
+    return (
+        f", site rank-1 {figures['rank1']:.1f} mAP {figures['mAP']:.1f} (camera-centred {figures['centred_rank1']:.1f}"
+        f" / {figures['centred_mAP']:.1f})"
+    )
