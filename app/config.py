@@ -135,6 +135,13 @@ class Settings(BaseSettings):
     regroup_interval_s: float = Field(
         3600.0, ge=0, description="re-group all sightings this often (s), repairing the online joins; 0 = never"
     )
+    regroup_eps: float = Field(
+        0.4,
+        gt=0,
+        le=1,
+        description="re-grouping links two units only within this k-reciprocal Jaccard distance (and under the join "
+        "threshold): lower = fewer strangers put together, more people split",
+    )
     # Events (app/events): a named or watched person seen by POST /sightings, told to a webhook and/or MQTT.
     webhook_url: str | None = Field(
         None,

@@ -118,7 +118,7 @@ def create_app(settings: Settings | None = None, entry_point: bool = False) -> F
             while True:
                 await asyncio.sleep(settings.regroup_interval_s)
                 try:
-                    await run_in_threadpool(regroup, gallery, threshold)
+                    await run_in_threadpool(regroup, gallery, threshold, settings.regroup_eps)
                 except Exception:  # the next run tries again; a failed database is the worker's to report
                     logger.exception("re-grouping failed (threshold %g from %s)", threshold, source)
 

@@ -5,7 +5,9 @@ those sizes.
 
     python -m bench.grouping --n 100000 --join-sizes 100000,1000000
 
-"group (sum)" is the kNN graph plus the grouping timed here (its pairs, their L2 distances and the grouping).
+"group (sum)" is the kNN graph plus the grouping timed here (its pairs, their L2 distances and the grouping);
+"link" is all of what ``POST /people/regroup`` computes between reading the units and writing them
+(``app.regroup.link``: each camera's mean out, the kNN graph, k-reciprocal Jaccard distances, the grouping).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from PIL import Image
 
 from app.db import make_engine
 from app.gallery import Gallery
-from app.regroup import EXACT_KNN_MAX, IVF_PROBE, knn_graph
+from app.regroup import EXACT_KNN_MAX, IVF_PROBE, REGROUP_EPS, knn_graph, link
 from app.sightings import Sighting, enroll, plan, tracklets_of
 from bench.common import PeakMemory, Table, add_common_args, int_list, mib, percentile, report, setup
 from models.clustering import constrained_groups, knn, knn_pairs, pair_distances
@@ -160,6 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         knn_s = time.perf_counter() - t0
     table.add(args.n, f"knn, {how} (k={args.k} + itself)", knn_s, mib(peak.bytes), "", "", "", "")
     people = int(person.max()) + 1
+    logger.info("%d sightings: re-grouping's link (camera centring, kNN graph, Jaccard distances, grouping)", args.n)
+    cameras = [f"cam{i % 4}" for i in range(args.n)]
+    with PeakMemory() as peak:
+        t0 = time.perf_counter()
+        labels = link(x, cameras, args.threshold, REGROUP_EPS, args.k, cannot)
+        link_s = time.perf_counter() - t0
+    table.add(
+        args.n, f"link: all of re-grouping's grouping, Jaccard eps {REGROUP_EPS} + {len(cannot)} cannot-links",
+        link_s, mib(peak.bytes), "", int(labels.max()) + 1, people, adjusted_rand(person, labels),
+    )  # fmt: skip
     for label, ml, cl in [("", (), ()), (f" + {len(must)} tracks, {len(cannot)} cannot-links", must, cannot)]:
         logger.info("%d sightings: grouping%s", args.n, label)
         with PeakMemory() as peak:

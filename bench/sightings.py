@@ -1,6 +1,6 @@
-"""People found among unnamed sightings: the CUHK03 val crops sent to ``POST /sightings`` as a tracker would (the
-app in this process, its real routes), grouped online, then re-grouped (``POST /people/regroup``); scored
-against the true identities, which the service never sees.
+"""People found among unnamed sightings: the CUHK03 val crops (or another data set's val split, ``--root``)
+sent to ``POST /sightings`` as a tracker would (the app in this process, its real routes), grouped online, then
+re-grouped (``POST /people/regroup``); scored against the true identities, which the service never sees.
 
     python -m bench.sightings --weights runs/strong/model.safetensors
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     rows = val_rows(args.root)
     table = Table(
-        "Unnamed sightings grouped into people, CUHK03 val",
+        f"Unnamed sightings grouped into people, {args.root.name} val",
         [
             "sent as", "threshold", "tracklet template", "step", "pair precision", "pair recall",
             "BCubed P", "BCubed R", "BCubed F", "people found", "true people", "request p50 ms", "regroup s",
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                         s["bcubed_f"], s["people"], s["true_people"], out["request_p50_ms"], out["regroup_s"],
                     )  # fmt: skip
     table.notes.append(
-        f"{len(rows)} crops of CUHK03 val (manifest split val), sent in a shuffled order (seed {args.seed}), one "
+        f"{len(rows)} crops of {args.root.name} (manifest split val), sent in a shuffled order (seed {args.seed}), one "
         "request per crop (crops) or per person and camera (tracklets, one track id each, a minute apart); online: "
         "the groups POST /sightings made, in arrival order; regrouped: after POST /people/regroup. Pair: over all "
         "pairs of crops; BCubed: per crop, averaged. The service never sees the identities."

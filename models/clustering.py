@@ -1,8 +1,10 @@
 """Clustering of re-ID embeddings, shared by the service and training (``models`` is the floor both import).
 
 - ``knn``: exact nearest neighbours of every row among the rows (the graph everything else starts from).
+- ``camera_centred``: each camera's mean template taken out, before either grouping.
 - ``jaccard_distance`` + ``dbscan``: pseudo-labels for unsupervised domain adaptation, as SpCL / Cluster Contrast
-  make them: the k-reciprocal Jaccard distance of Zhong et al. (CVPR 2017), then DBSCAN on it.
+  make them: the k-reciprocal Jaccard distance of Zhong et al. (CVPR 2017), then DBSCAN on it; ``jaccard_pairs``:
+  the same distances on a kNN graph found elsewhere (the service's FAISS).
 - ``constrained_groups`` + ``group_sightings``: the service's provisional people: single-linkage over a kNN graph
   up to a distance threshold, with must-link (one track) and cannot-link (two overlapping tracks) constraints.
 
@@ -79,6 +81,27 @@ def knn_pairs(indices: np.ndarray) -> np.ndarray:
     keep = i != j
     keys = np.unique(np.minimum(i, j)[keep] * n + np.maximum(i, j)[keep])  # one int64 a pair: a fast unique
     return np.stack([keys // n, keys % n], axis=1)
+
+
+def unit(features: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (a zero row stays zero)."""
+    x = np.asarray(features, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def camera_centred(features: np.ndarray, cameras: np.ndarray, min_rows: int = 1) -> np.ndarray:
+    """Unit rows with their camera's mean (of unit rows) taken out, then unit length again: a camera's light,
+    angle and background shift all its crops the same way, so that two crops of one camera look closer than
+    one person seen by two. A camera with fewer than ``min_rows`` rows has too few for a mean of its own: its
+    rows are centred on the mean of all rows instead."""
+    x = unit(features)
+    cams = np.asarray(cameras)
+    out = x - x.mean(axis=0)
+    for cam in np.unique(cams):
+        rows = cams == cam
+        if rows.sum() >= min_rows:
+            out[rows] = x[rows] - x[rows].mean(axis=0)
+    return unit(out)
 
 
 # -- k-reciprocal Jaccard distance -----------------------------------------------------------------------------
@@ -180,18 +203,36 @@ def jaccard_distance(
         for start in range(0, n, block):
             out[start : start + block] = jaccard_from_encodings(v[start : start + block], v_csc)
         return np.clip(out, 0.0, 1.0, out=out)
-    pairs = knn_pairs(initial_rank)
-    overlap = np.empty(len(pairs), np.float64)
-    for start in range(0, len(pairs), _PAIR_CHUNK):
-        p = pairs[start : start + _PAIR_CHUNK]
-        overlap[start : start + len(p)] = np.asarray(v[p[:, 0]].minimum(v[p[:, 1]]).sum(axis=1)).ravel()
-    d = np.clip(1.0 - overlap / (2.0 - overlap), 0.0, 1.0).astype(np.float32)
+    pairs, d = _pair_jaccard(v, knn_pairs(initial_rank))
     diag = np.arange(n)
     rows = np.concatenate([pairs[:, 0], pairs[:, 1], diag])
     cols = np.concatenate([pairs[:, 1], pairs[:, 0], diag])
     data = np.concatenate([d, d, np.zeros(n, np.float32)])
     # No duplicates: coo -> csr keeps every entry, explicit zeros (identical neighbourhoods) included.
     return sp.csr_matrix((data, (rows, cols)), shape=(n, n))
+
+
+def _pair_jaccard(v: sp.csr_matrix, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    overlap = np.empty(len(pairs), np.float64)
+    for start in range(0, len(pairs), _PAIR_CHUNK):
+        p = pairs[start : start + _PAIR_CHUNK]
+        overlap[start : start + len(p)] = np.asarray(v[p[:, 0]].minimum(v[p[:, 1]]).sum(axis=1)).ravel()
+    return pairs, np.clip(1.0 - overlap / (2.0 - overlap), 0.0, 1.0).astype(np.float32)
+
+
+def jaccard_pairs(
+    features: np.ndarray, initial_rank: np.ndarray, k1: int = 20, k2: int = 6
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs of a kNN graph (``knn_pairs(initial_rank)``) and their k-reciprocal Jaccard distances, the same
+    values ``jaccard_distance`` gives them: for a caller that found the neighbours itself (the service, with
+    FAISS). ``initial_rank``: each row's nearest rows, itself first, at least k1 + 1 columns."""
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    k1 = min(k1, len(x) - 1, initial_rank.shape[1] - 1)
+    if k1 < 1:
+        return np.empty((0, 2), np.int64), np.empty(0, np.float32)
+    k2 = max(1, min(k2, k1 + 1))
+    v = k_reciprocal_encoding(initial_rank, k1, k2, _squared_l2_to(x))
+    return _pair_jaccard(v, knn_pairs(initial_rank[:, : k1 + 1]))
 
 
 def dbscan(distances: np.ndarray | sp.spmatrix, eps: float, min_samples: int = 4) -> np.ndarray:

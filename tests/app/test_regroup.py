@@ -17,7 +17,7 @@ from app import people, sightings
 from app.db import make_engine
 from app.gallery import Gallery
 from app.reembed import one_run
-from app.regroup import regroup
+from app.regroup import REGROUP_EPS, link, regroup
 from app.sightings import Sighting
 
 DIM = 4
@@ -142,3 +142,27 @@ def test_a_review_between_read_and_write_makes_the_run_give_up(gallery: Gallery,
     monkeypatch.setattr(module, "_assign", review_meanwhile)
     done = regroup(gallery, THRESHOLD)
     assert done.skipped == "a review decision came in" and done.moved == 0
+
+
+def test_look_alikes_under_the_threshold_do_not_chain_strangers_into_one_person() -> None:
+    # 60 people, 4 crops each, two cameras: at a threshold that about 0.5% of stranger pairs pass (each person has
+    # a look-alike or two under it), linking by the threshold alone chains most people together; sharing nearest
+    # neighbours (the Jaccard distance) is what keeps them apart.
+    rng = np.random.default_rng(0)
+    people, per = 60, 4
+    x = np.repeat(rng.normal(size=(people, 64)), per, axis=0) + 0.6 * rng.normal(size=(people * per, 64))
+    x = x.astype(np.float32)
+    truth = np.repeat(np.arange(people), per)
+    cameras = [f"c{i % 2}" for i in range(people * per)]
+
+    def pair_precision_recall(labels: np.ndarray) -> tuple[float, float]:
+        together = labels[:, None] == labels[None, :]
+        same = truth[:, None] == truth[None, :]
+        off = ~np.eye(len(truth), dtype=bool)
+        right = (together & same & off).sum()
+        return right / (together & off).sum(), right / (same & off).sum()
+
+    precision, recall = pair_precision_recall(link(x, cameras, 10.0, eps=1.0))  # the threshold alone
+    assert precision < 0.2 and recall == 1.0
+    precision, recall = pair_precision_recall(link(x, cameras, 10.0, eps=REGROUP_EPS))
+    assert precision > 0.95 and recall > 0.5, (precision, recall)

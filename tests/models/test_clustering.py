@@ -9,10 +9,12 @@ import scipy.sparse as sp
 import torch
 
 from models.clustering import (
+    camera_centred,
     constrained_groups,
     dbscan,
     group_sightings,
     jaccard_distance,
+    jaccard_pairs,
     knn,
     knn_pairs,
     pair_distances,
@@ -75,6 +77,30 @@ def test_dense_and_sparse_jaccard_agree() -> None:
     full = jaccard_distance(small, k1=29, k2=6, dense_limit=0)
     assert full.nnz == 30 * 30
     np.testing.assert_allclose(full.toarray(), jaccard_distance(small, k1=29, k2=6), atol=1e-6)
+
+
+def test_jaccard_pairs_on_a_graph_found_elsewhere_are_the_distances_of_the_matrix() -> None:
+    x, _ = _blobs(12, 8, spread=0.6, seed=3)
+    _, rank = knn(x, 11)
+    pairs, d = jaccard_pairs(x, rank, k1=10, k2=4)
+    np.testing.assert_array_equal(pairs, knn_pairs(rank))
+    np.testing.assert_allclose(d, jaccard_distance(x, k1=10, k2=4)[pairs[:, 0], pairs[:, 1]], atol=1e-6)
+    assert jaccard_pairs(x[:1], rank[:1, :1], k1=10)[0].shape == (0, 2)  # one row: no pair
+
+
+def test_camera_centring_takes_out_each_cameras_shift() -> None:
+    rng = np.random.default_rng(0)
+    people = rng.normal(size=(20, 16))
+    shift = 3 * rng.normal(size=16)
+    x = np.concatenate([people, people + shift])  # the same 20 people through two cameras, one shifted
+    cameras = np.array([0] * 20 + [1] * 20)
+    centred = camera_centred(x, cameras)
+    np.testing.assert_allclose(np.linalg.norm(centred, axis=1), 1.0, atol=1e-5)
+    nearest = knn(centred, 2)[1][:, 1]
+    assert (nearest == np.r_[np.arange(20, 40), np.arange(20)]).all()  # each one's nearest: itself, other camera
+    assert (knn(x, 2)[1][:20, 1] < 20).all()  # uncentred: a crop of its own camera
+    few = camera_centred(x, cameras, min_rows=21)  # too few rows for a camera's own mean: the overall one
+    np.testing.assert_allclose(few, camera_centred(x, np.zeros(40)), atol=1e-6)
 
 
 def test_jaccard_distance_has_the_properties_of_one() -> None:

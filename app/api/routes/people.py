@@ -100,13 +100,14 @@ async def count_people(
 @router.post("/regroup", response_model=RegroupOut, responses=problem_responses(409))
 async def regroup_people(state: ReadyDep) -> RegroupOut:
     """Re-group every sighting now (the service also does it every REID_REGROUP_INTERVAL_S): tracks and lone
-    crops are linked along their nearest neighbours under the join threshold, keeping tracks whole, tracks seen at
-    once on a camera apart, people split apart apart, and named and reviewed people as they are."""
+    crops are linked along their nearest neighbours where they share most of them (k-reciprocal Jaccard distance
+    under REID_REGROUP_EPS) and lie under the join threshold, keeping tracks whole, tracks seen at once on a camera
+    apart, people split apart apart, and named and reviewed people as they are."""
     assert state.embedder is not None and state.gallery is not None
     threshold, _ = join_threshold(state.settings, state.embedder.provenance, state.embedder.trained)
     if threshold is None:
         raise ApiError(409, "no_join_threshold", "the weights carry no calibrated threshold: set REID_JOIN_THRESHOLD")
-    done = await run_in_threadpool(regroup, state.gallery, threshold)
+    done = await run_in_threadpool(regroup, state.gallery, threshold, state.settings.regroup_eps)
     return RegroupOut(threshold=threshold, **dataclasses.asdict(done))
 
 
