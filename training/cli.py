@@ -100,6 +100,10 @@ def _add_adapt_args(p: argparse.ArgumentParser) -> None:
         "--camera-centring", action=argparse.BooleanOptionalAction, default=c.camera_centring,
         help="cluster with each camera's mean template taken out",
     )  # fmt: skip
+    p.add_argument(
+        "--threshold-from", choices=("source", "pseudo"), default=d.threshold_from,
+        help="the served default threshold: the source's calibration (default) or one from the pseudo-identities",
+    )  # fmt: skip
     p.add_argument("--amp", choices=("none", "bf16"), default=d.amp, help="mixed precision of the steps")
     p.add_argument(
         "--seed", type=int, default=d.seed, help="fixes the weights for the same crops (default %(default)s)"
@@ -296,7 +300,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         lr=args.lr, freeze_blocks=args.freeze_blocks, random_erasing=args.random_erasing,
         temperature=args.temperature, momentum=args.momentum, proxy_weight=args.proxy_weight,
         cluster=ClusterSettings(args.k1, args.k2, args.eps, args.min_samples, args.camera_centring), amp=args.amp,
-        seed=args.seed, device=str(resolve_device(args.device)), workers=args.workers, eval=args.eval,
+        seed=args.seed, threshold_from=args.threshold_from, device=str(resolve_device(args.device)),
+        workers=args.workers, eval=args.eval,
         query_camid=args.query_camid,
     )  # fmt: skip
     path = adapt(config, progress=lambda it, desc, total: _progress(desc)(it))

@@ -15,7 +15,9 @@ from PIL import Image
 from safetensors import safe_open
 
 from models import ModelConfig, build_extractor, load_weights, save_weights
-from training.adapt import AdaptConfig, ClusterSettings, adapt, camera_centred, pseudo_labels, read_site
+from models.clustering import camera_centred
+from training.adapt import AdaptConfig, ClusterSettings, adapt, pseudo_labels, read_site
+from training.adapt.loop import default_calibration
 from training.adapt.memory import CameraProxies, ClusterMemory
 from training.cli import main
 
@@ -61,15 +63,6 @@ def test_pseudo_labels_recover_people_that_cameras_shift_apart() -> None:
     assert not any(crossing)
     centred = camera_centred(x, cams)
     assert np.allclose(np.linalg.norm(centred, axis=1), 1.0, atol=1e-5)
-
-
-def test_dbscan_eps_is_the_largest_jaccard_distance_that_links() -> None:
-    from models.clustering import dbscan
-
-    d = np.array([[0.0, 0.5, 0.9], [0.5, 0.0, 0.9], [0.9, 0.9, 0.0]], np.float32)
-    assert dbscan(d, eps=0.5, min_samples=2).tolist() == [0, 0, -1]  # a distance equal to eps links
-    assert dbscan(d, eps=0.49, min_samples=2).tolist() == [-1, -1, -1]
-    assert dbscan(d, eps=0.9, min_samples=2).tolist() == [0, 0, 0]
 
 
 def test_memories_have_the_right_shapes_and_pull_towards_the_own_cluster() -> None:
@@ -150,7 +143,7 @@ def test_adapt_never_reads_identities_and_records_its_provenance(tmp_path: Path,
     assert record["source_fingerprint"] == source.fingerprint and record["site_crops"] == 48
     assert record["site_crops_sha256"] == read_site(site).sha256() and record["settings"]["cluster"]["k1"] == 4
     assert adapted.provenance["threshold_split"] == "site pseudo-identities (adaptation)"
-    assert adapted.provenance["recipe"] == "test"
+    assert adapted.provenance["adaptation"]["source"]["recipe"] == "test" and "recipe" not in adapted.provenance
 
 
 def test_adapt_resumes_where_it_stopped(tmp_path: Path, tiny_weights: Path, monkeypatch) -> None:
@@ -199,3 +192,14 @@ def test_the_command_adapts_a_folder_and_evaluates_a_manifest(tmp_path: Path, ti
     argv = ["adapt", "--weights", str(tiny_weights), "--site", str(folder), "--out", str(tmp_path / "f"), "--eval"]
     assert main(argv) == 2
     assert "--eval needs a manifest with a pid column" in capsys.readouterr().err
+
+
+def test_the_served_threshold_is_the_sources_unless_asked_or_absent() -> None:
+    source = {"thresholds": [{"fmr": 0.01, "distance": 29.3, "tmr": 0.6}], "fmr_curve": [[20.0, 1e-4]],
+              "threshold_split": "val", "recipe": "strong"}  # fmt: skip
+    pseudo = {"thresholds": [{"fmr": 0.01, "distance": 30.0, "tmr": 0.7}], "threshold_split": "site pseudo"}
+    kept = default_calibration(source, pseudo, "source")
+    assert kept["thresholds"] == source["thresholds"] and kept["fmr_curve"] == source["fmr_curve"]
+    assert kept["threshold_split"] == "val (the source weights', kept by adaptation)" and "recipe" not in kept
+    assert default_calibration(source, pseudo, "pseudo") == pseudo
+    assert default_calibration({"recipe": "untrained"}, pseudo, "source") == pseudo

@@ -68,3 +68,41 @@ def test_strong_recipe_on_real_crops_beats_the_imagenet_floor_and_the_service_ag
     assert check["same_rank1_identity"] == check["queries"]
     # The same queries right: one query is 0.22 points, and training's figures are float32 (about 2e-6 off here).
     assert check["offline_rank1"] == pytest.approx(final["rank1"], abs=1e-3)
+
+
+SITE = SHARED / "data" / "cuhk01-site"
+
+
+@pytest.mark.skipif(not (SITE / "manifest.csv").is_file(), reason=f"{SITE} is absent")
+def test_a_short_adaptation_to_part_of_a_new_site_gains_over_its_source(tmp_path) -> None:
+    """The first 120 people of the second campus as a site; the source: the ImageNet MobileNetV2 trunk with an
+    untrained head, at 96x48. A few short rounds must raise the site's mAP and rank-1 well over the source's,
+    learning from pictures and cameras alone (the pid column only scores)."""
+    import csv
+    import json
+
+    import torch
+
+    from models import ModelConfig, build_extractor, save_weights
+    from training.adapt import AdaptConfig, adapt
+
+    with (SITE / "manifest.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if int(r["pid"]) <= 120]
+    site = tmp_path / "site"
+    site.mkdir()
+    with (site / "manifest.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "camid", "pid", "split"])
+        writer.writerows([(SITE / r["path"]).resolve(), r["camid"], r["pid"], "val"] for r in rows)
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="mobilenet_v2", input_height=96, input_width=48, unet_base_width=8, bnneck=True)
+    extractor = build_extractor(config)
+    extractor.load_imagenet(WEIGHTS)
+    source = save_weights(tmp_path / "source.safetensors", extractor.eval(), None, {"recipe": "imagenet"})
+    adapt(AdaptConfig(str(source), str(site), str(tmp_path / "run"), rounds=3, steps=20, freeze_blocks=7,
+                      eval=True, device="cpu"))  # fmt: skip
+    report = json.loads((tmp_path / "run" / "adapt.json").read_text())
+    before, after = report["rounds"][0]["figures"], report["final"]
+    # Measured (seed 0, this CPU): mAP 13.8 -> 18.1, rank-1 10.4 -> 13.8; the bars leave room for another CPU's sums.
+    assert after["mAP"] > before["mAP"] + 2.0, (before, after)
+    assert after["rank1"] > before["rank1"] + 1.0, (before, after)

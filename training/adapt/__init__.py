@@ -3,7 +3,7 @@ that match better there; pseudo-identities by clustering, refreshed each round, 
 camera-aware proxies. ``python -m training adapt``; docs/TRAINING.md, "Adapting to a site"."""
 
 from training.adapt.loop import METHOD, AdaptConfig, adapt
-from training.adapt.pseudo_labels import ClusterSettings, camera_centred, cluster_summary, pseudo_labels
+from training.adapt.pseudo_labels import ClusterSettings, cluster_summary, pseudo_labels
 from training.adapt.site import Site, SiteCrop, read_site, site_identities
 
 __all__ = [
@@ -13,7 +13,6 @@ __all__ = [
     "Site",
     "SiteCrop",
     "adapt",
-    "camera_centred",
     "cluster_summary",
     "pseudo_labels",
     "read_site",

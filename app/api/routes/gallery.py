@@ -37,6 +37,17 @@ from app.images import Upload
 from app.schemas import DeleteResult, EntryOut, EntryPage
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"  # the IETF draft's name, as Stripe's and PayPal's APIs take it
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias=IDEMPOTENCY_HEADER,
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="a unique key per request (e.g. a UUID): a retry with the same key and request gets the first "
+        "answer back instead of enrolling twice (kept 24 h)",
+    ),
+]
 router = APIRouter(
     prefix="/gallery",
     tags=["gallery"],
@@ -139,17 +150,7 @@ async def enroll(
         Form(description="when the crops were taken (RFC 3339; no offset = UTC); default: now, the upload time"),
         FORM_TIME,
     ] = None,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            alias=IDEMPOTENCY_HEADER,
-            min_length=1,
-            max_length=255,
-            pattern=r"^[\x21-\x7e]+$",
-            description="a unique key per enrolment (e.g. a UUID): a retry with the same key and request gets the "
-            "first answer back instead of enrolling twice (kept 24 h)",
-        ),
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Any:
     """Enroll crops of one identity: each becomes an entry (answered 201). With ``Idempotency-Key``, a retry of a
     request whose answer was lost (a timeout, a dropped connection) is answered as the first one was, with

@@ -7,14 +7,14 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Header, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema
 from starlette.concurrency import run_in_threadpool
 
 from app import sightings as grouping
 from app.api.deps import ReadyDep, templates_and_crops, uploads, utc
 from app.api.inputs import MAX_CAMERA_LENGTH, MAX_IDENTITY_LENGTH, check_camera, check_track
-from app.api.routes.gallery import IDEMPOTENCY_HEADER, replayed
+from app.api.routes.gallery import IdempotencyKey, replayed
 from app.errors import ApiError, problem_responses
 from app.schemas import SightingsResult, TrackletOut
 
@@ -107,16 +107,7 @@ async def enroll_sightings(
     state: ReadyDep,
     files: Annotated[list[UploadFile], File(min_length=1, description="person crops, of one or more tracklets")],
     sightings: Annotated[str, Form(min_length=1, description=SIGHTINGS_HELP), SIGHTINGS_SCHEMA],
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            alias=IDEMPOTENCY_HEADER,
-            min_length=1,
-            max_length=255,
-            pattern=r"^[\x21-\x7e]+$",
-            description="a unique key per request: a retry gets the first answer back instead of enrolling twice",
-        ),
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Any:
     """Enrol crops without a name. Each tracklet continues its track, joins the nearest identity or person
     under the join threshold, or starts a provisional person (review them under ``/people``)."""
