@@ -203,3 +203,14 @@ def test_the_served_threshold_is_the_sources_unless_asked_or_absent() -> None:
     assert kept["threshold_split"] == "val (the source weights', kept by adaptation)" and "recipe" not in kept
     assert default_calibration(source, pseudo, "pseudo") == pseudo
     assert default_calibration({"recipe": "untrained"}, pseudo, "source") == pseudo
+
+
+def test_frozen_blocks_keep_their_weights_and_bn_statistics(tmp_path: Path, tiny_weights: Path) -> None:
+    site = make_site(tmp_path / "site")
+    adapted = load_weights(adapt(tiny_config(tiny_weights, site, tmp_path / "run", freeze_blocks=2, rounds=2)))
+    source = load_weights(tiny_weights)
+    before, after = source.extractor.state_dict(), adapted.extractor.state_dict()
+    frozen = [k for k in before if k.startswith(("trunk.conv1", "trunk.bn1", "trunk.layer1."))]
+    assert any(k.endswith("running_mean") for k in frozen)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)  # two rounds: templates ran in between
+    assert not torch.equal(before["trunk.layer2.0.bn1.running_mean"], after["trunk.layer2.0.bn1.running_mean"])

@@ -253,6 +253,7 @@ def _train_round(
     device: torch.device,
     index: int,
 ) -> float:
+    _freeze(extractor, config.freeze_blocks)  # again: ``templates`` left every block in training mode
     kept = np.flatnonzero(labels >= 0)
     if len(np.unique(labels[kept])) < config.p:
         logger.warning(
