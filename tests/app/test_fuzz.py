@@ -20,6 +20,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from PIL import Image
+from schemathesis.specs.openapi.checks import ensure_resource_availability
 from sqlalchemy import delete
 
 from app.config import Settings
@@ -179,7 +180,16 @@ def test_stateful_sequences_answer_as_documented(api_schema: schemathesis.BaseSc
         def validate_response(self, response, case, additional_checks=None, **kwargs) -> None:
             answered.add((case.method, case.path, response.status_code))
             checks = [*(additional_checks or []), schema_valid_request_passes_validation]
-            super().validate_response(response, case, additional_checks=checks, **kwargs)
+            if case.method == "DELETE" and case.path == "/identities/{identity}" and response.status_code == 200:
+                self.identity_deleted = True
+            # An entry enrolled, then its identity deleted (a link of the enrolment), then the entry read through
+            # another link: 404 is right, but schemathesis counts only a DELETE under /gallery/{entry_id} as
+            # removing it, and calls the 404 a lost entry. Losing none is tested in real processes (test_crash.py).
+            excluded = [ensure_resource_availability] if getattr(self, "identity_deleted", False) else None
+            case.validate_response(
+                response, additional_checks=checks, excluded_checks=excluded, transport_kwargs=kwargs or None,
+                recorder=self.recorder,
+            )  # fmt: skip
 
     seed(FUZZ_SEED)(Sequences)
     try:
