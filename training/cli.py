@@ -88,6 +88,10 @@ def _add_adapt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=d.k, help="crops per cluster in a batch (default %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam's learning rate (default %(default)s)")
     p.add_argument("--freeze-blocks", type=int, default=d.freeze_blocks, help="leading trunk blocks kept as they are")
+    p.add_argument(
+        "--adapt-bn", action=argparse.BooleanOptionalAction, default=d.adapt_bn,
+        help="the frozen blocks' BN statistics follow the site's crops (AdaBN); --no-adapt-bn keeps the source's",
+    )  # fmt: skip
     p.add_argument("--random-erasing", type=float, default=d.random_erasing, help="(default %(default)s)")
     p.add_argument("--temperature", type=float, default=d.temperature, help="cluster memory's (default %(default)s)")
     p.add_argument("--momentum", type=float, default=d.momentum, help="cluster memory's (default %(default)s)")
@@ -297,7 +301,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
     config = AdaptConfig(
         weights=args.weights, site=args.site, out=args.out, rounds=args.rounds, steps=args.steps, p=args.p, k=args.k,
-        lr=args.lr, freeze_blocks=args.freeze_blocks, random_erasing=args.random_erasing,
+        lr=args.lr, freeze_blocks=args.freeze_blocks, adapt_bn=args.adapt_bn, random_erasing=args.random_erasing,
         temperature=args.temperature, momentum=args.momentum, proxy_weight=args.proxy_weight,
         cluster=ClusterSettings(args.k1, args.k2, args.eps, args.min_samples, args.camera_centring), amp=args.amp,
         seed=args.seed, threshold_from=args.threshold_from, device=str(resolve_device(args.device)),

@@ -205,12 +205,17 @@ def test_the_served_threshold_is_the_sources_unless_asked_or_absent() -> None:
     assert default_calibration({"recipe": "untrained"}, pseudo, "source") == pseudo
 
 
-def test_frozen_blocks_keep_their_weights_and_bn_statistics(tmp_path: Path, tiny_weights: Path) -> None:
+@pytest.mark.parametrize("adapt_bn", [True, False])
+def test_frozen_blocks_keep_their_weights_and_their_bn_statistics_follow_the_site(
+    tmp_path: Path, tiny_weights: Path, adapt_bn: bool
+) -> None:
     site = make_site(tmp_path / "site")
-    adapted = load_weights(adapt(tiny_config(tiny_weights, site, tmp_path / "run", freeze_blocks=2, rounds=2)))
-    source = load_weights(tiny_weights)
-    before, after = source.extractor.state_dict(), adapted.extractor.state_dict()
+    run = tiny_config(tiny_weights, site, tmp_path / "run", freeze_blocks=2, rounds=2, adapt_bn=adapt_bn)
+    adapted = load_weights(adapt(run))
+    before, after = load_weights(tiny_weights).extractor.state_dict(), adapted.extractor.state_dict()
     frozen = [k for k in before if k.startswith(("trunk.conv1", "trunk.bn1", "trunk.layer1."))]
-    assert any(k.endswith("running_mean") for k in frozen)
-    assert all(torch.equal(before[k], after[k]) for k in frozen)  # two rounds: templates ran in between
+    statistics = [k for k in frozen if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert statistics and all(torch.equal(before[k], after[k]) for k in frozen if k not in statistics)
+    # Two rounds, the templates computed in between: the statistics are the source's only when asked.
+    assert all(torch.equal(before[k], after[k]) for k in statistics) is not adapt_bn
     assert not torch.equal(before["trunk.layer2.0.bn1.running_mean"], after["trunk.layer2.0.bn1.running_mean"])
