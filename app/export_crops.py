@@ -68,6 +68,7 @@ def export_crops(
         crops = out / "crops"
         crops.mkdir(parents=True, exist_ok=True)
         missing = 0
+        seen: set[str] = set()  # the cameras of the rows written (camids number every camera of the gallery)
         with atomic_path(out / "manifest.csv") as tmp, tmp.open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(COLUMNS)
@@ -84,7 +85,8 @@ def export_crops(
                 _place(source, crops / name)
                 stamp = captured_at.isoformat() if captured_at is not None else ""
                 writer.writerow([f"crops/{name}", camid[camera or ""], camera or "", track or "", stamp])
+                seen.add(camera or "")
     written = total - missing
-    logger.info("wrote %s: %d crops of %d cameras%s", out / "manifest.csv", written, len(cameras),
+    logger.info("wrote %s: %d crops of %d cameras%s", out / "manifest.csv", written, len(seen),
                 f", {missing} missing" if missing else "")  # fmt: skip
     return written

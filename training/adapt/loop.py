@@ -29,7 +29,7 @@ from models.files import atomic_path
 from training.adapt.memory import CameraProxies, ClusterMemory
 from training.adapt.pseudo_labels import ClusterSettings, cluster_summary, pseudo_labels
 from training.adapt.site import Site, read_site, site_identities
-from training.checkpoint import rng_state, set_rng_state
+from training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from training.data.base import ImageDataset, Sample
 from training.evaluation import calibrate_thresholds, evaluate_features, pair_distances
 from training.export import THRESHOLD_FMRS, fmr_curve
@@ -155,11 +155,6 @@ def default_calibration(source: dict[str, Any], pseudo: dict[str, Any], prefer: 
     return pseudo
 
 
-def _true_fmr(features: torch.Tensor, pids: list[int], camids: np.ndarray, distance: float) -> float:
-    _, impostor = pair_distances(features, features, np.asarray(pids), np.asarray(pids), camids, camids)
-    return float((impostor <= distance).mean())
-
-
 def adapt(config: AdaptConfig, progress: Callable[[Iterable, str, int], Iterable] | None = None) -> Path:
     """Run (or resume) an adaptation; the adapted weights' path (``out/model.safetensors``)."""
     began = time.monotonic()
@@ -226,7 +221,7 @@ def adapt(config: AdaptConfig, progress: Callable[[Iterable, str, int], Iterable
     report: dict[str, Any] = {"rounds": [dataclasses.asdict(r) for r in history], "seconds": time.monotonic() - began}
     if pids is not None:
         report["final"] = site_figures(features, site, pids, config.query_camid)
-        report["thresholds"] = _threshold_check(source, calibration, features, pids, camids, eval_loader, device)
+        report["thresholds"] = _threshold_check(source.provenance, calibration, features, pids, camids)
         logger.info("adapted: %s", _figure_words(report["final"]).lstrip(", "))
     with atomic_path(out / "adapt.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1))
@@ -234,17 +229,25 @@ def adapt(config: AdaptConfig, progress: Callable[[Iterable, str, int], Iterable
     return path
 
 
-def _threshold_check(source, calibration, features, pids, camids, eval_loader, device) -> list[dict[str, Any]]:
+def _threshold_check(
+    source_provenance: dict[str, Any],
+    pseudo: dict[str, Any],
+    features: torch.Tensor,
+    pids: list[int],
+    camids: np.ndarray,
+) -> list[dict[str, Any]]:
     """--eval: the false-match rate each candidate default threshold really gives on the site."""
-    rows = []
-    for entry in calibration["thresholds"]:
-        rows.append({"candidate": "pseudo-identities", "target_fmr": entry["fmr"], "distance": entry["distance"],
-                     "site_fmr": _true_fmr(features, pids, camids, entry["distance"])})  # fmt: skip
-    for entry in source.provenance.get("thresholds", []):
-        rows.append({"candidate": f"source ({source.provenance.get('threshold_split', '?')})", "target_fmr":
-                     entry["fmr"], "distance": entry["distance"],
-                     "site_fmr": _true_fmr(features, pids, camids, entry["distance"])})  # fmt: skip
-    return rows
+    _, impostor = pair_distances(features, features, np.asarray(pids), np.asarray(pids), camids, camids)
+    candidates = [("pseudo-identities", pseudo["thresholds"])]
+    candidates.append(
+        (f"source ({source_provenance.get('threshold_split', '?')})", source_provenance.get("thresholds", []))
+    )
+    return [
+        {"candidate": name, "target_fmr": entry["fmr"], "distance": entry["distance"],
+         "site_fmr": float((impostor <= entry["distance"]).mean())}
+        for name, thresholds in candidates
+        for entry in thresholds
+    ]  # fmt: skip
 
 
 def _train_round(
@@ -301,8 +304,6 @@ def _train_round(
 
 
 def _checkpoint(path, config, site_sha, extractor, optimizer, history) -> None:
-    from training.checkpoint import save_checkpoint
-
     save_checkpoint(path, {
         "settings": json.dumps(config.settings(), sort_keys=True), "site_sha256": site_sha,
         "weights": str(config.weights), "extractor": extractor.state_dict(), "optimizer": optimizer.state_dict(),
