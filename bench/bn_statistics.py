@@ -23,8 +23,9 @@ sys.path.insert(0, str(ROOT))
 from models import build_eval_transform  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import ImageDataset, build_dataset  # noqa: E402
-from training.engine import evaluate  # noqa: E402
-from training.export import networks_from_run, val_loaders  # noqa: E402
+from training.data.loaders import val_loaders  # noqa: E402
+from training.evaluation import evaluate  # noqa: E402
+from training.export import networks_from_run  # noqa: E402
 
 
 @torch.no_grad()

@@ -59,17 +59,11 @@ sys.path.insert(0, str(ROOT))
 
 from models import build_eval_transform, load_weights  # noqa: E402
 from models.devices import resolve_device  # noqa: E402
-from training.cli import build_loaders  # noqa: E402
 from training.config import AMP_MODES, TrainConfig, recipe_config  # noqa: E402
 from training.data import ImageDataset, build_dataset  # noqa: E402
-from training.engine import (  # noqa: E402
-    Loaders,
-    build_networks,
-    evaluate,
-    extract_features,
-    fit,
-)
-from training.evaluation import euclidean_distmat  # noqa: E402
+from training.data.loaders import Loaders, build_loaders, val_loaders  # noqa: E402
+from training.engine import build_networks, fit  # noqa: E402
+from training.evaluation import euclidean_distmat, evaluate, extract_features  # noqa: E402
 from training.export import export_weights, networks_from_run, threshold_provenance  # noqa: E402
 
 logger = logging.getLogger("cuhk03_table")
@@ -490,8 +484,6 @@ def finish(results: dict[str, Any], out: Path) -> dict[str, Any]:
     run = Path(seeds[best[0]][best[1]]["run"])
     weights = export_weights(run, out / "best.safetensors", root=base.root)
     results["service_check"] = service_check(weights, base)
-    from training.export import val_loaders
-
     query, gallery = val_loaders(base)
     results["served_features"] = served_feature_figures(run, Loaders([], query, gallery))
     best_masks = max(seeds, key=lambda s: seeds[s]["strong_masks"]["figures"]["mAP"])
@@ -506,8 +498,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     if args.served_features:
         config = TrainConfig.from_dict(json.loads((Path(args.served_features) / "config.json").read_text()))
-        from training.export import val_loaders
-
         query, gallery = val_loaders(config)
         figures = served_feature_figures(Path(args.served_features), Loaders([], query, gallery))
         sys.stdout.write(json.dumps(figures, indent=2) + "\n")

@@ -1,5 +1,5 @@
 """Training throughput: images/s of ``training.engine.training_step`` in each stage, fed by the real data loader
-(``training.cli.build_loaders`` over JPEGs from the synthetic Market-1501 generator: decoding, the section 3.2
+(``training.data.loaders.build_loaders`` over JPEGs from the synthetic Market-1501 generator: decoding, the section 3.2
 transform, the P x K sampler, worker processes) against the same kind of batches already in memory on the device.
 Their ratio shows whether loading starves the networks.
 
@@ -26,8 +26,8 @@ import torch
 from bench.common import Table, add_common_args, int_list, median, report, setup
 from models import ModelConfig
 from models.devices import resolve_device
-from training.cli import build_loaders
 from training.config import AMP_MODES, TrainConfig
+from training.data.loaders import build_loaders
 from training.data.synthetic import generate_synthetic_market1501
 from training.engine import Networks, build_networks, set_stage_modes, training_step
 

@@ -1,8 +1,8 @@
 """Offline training (the paper's three stages, or the field's strong recipe), evaluation and export."""
 
 from training.config import RECIPES, TrainConfig, recipe_config
-from training.engine import evaluate, fit, run_stage, train_one_epoch
-from training.evaluation import calibrate_thresholds, evaluate_rank, k_reciprocal_rerank, rank_metrics
+from training.engine import fit, run_stage, train_one_epoch
+from training.evaluation import calibrate_thresholds, evaluate, evaluate_rank, k_reciprocal_rerank, rank_metrics
 from training.export import export_onnx, export_weights
 from training.losses import contiguity_loss, id_loss, identity_loss, mask_loss, sparsity_loss, triplet_loss
 

@@ -173,49 +173,8 @@ def _progress(desc: str):
     return lambda it: tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def build_loaders(config: TrainConfig, rank: int = 0, world_size: int = 1):
-    """Train (P x K sampler), query and gallery loaders from the data package."""
-    if not Path(config.root).exists():
-        raise FileNotFoundError(f"data set root {config.root} does not exist")
-    from training.data import ImageDataset, build_dataset
-    from training.engine import Loaders
-    from training.export import val_loaders
-    from training.samplers import RandomIdentitySampler
-    from training.transforms import build_train_transform, split_train_transform
-
-    dataset = build_dataset(config.dataset, config.root, **config.dataset_kwargs)
-    if not dataset.train:
-        raise ValueError(f"{config.root} has no train images: fit needs some (evaluate does not)")
-    model_config = config.model_config()
-    sampler = RandomIdentitySampler(
-        dataset.train,
-        num_pids=config.p,
-        num_instances=config.k,
-        seed=config.seed,
-        rank=rank,
-        world_size=world_size,
-        max_batches=config.epoch_batches,
-    )
-    if config.cache_images:
-        prepare, augment = split_train_transform(model_config, erasing_p=config.random_erasing)
-        train_set = ImageDataset(dataset.train, augment, prepare)
-    else:
-        train_set = ImageDataset(dataset.train, build_train_transform(model_config, erasing_p=config.random_erasing))
-    train = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=config.p * config.k,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=config.workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=config.workers > 0,
-    )
-    query, gallery = val_loaders(config, workers=config.workers)
-    figure = torch.stack([query.dataset[i][0] for i in range(min(8, len(query.dataset)))])
-    return Loaders(train, query, gallery, sampler, figure, sorted({s.pid for s in dataset.train}))
-
-
 def cmd_fit(args: argparse.Namespace) -> int:
+    from training.data.loaders import build_loaders
     from training.engine import fit
 
     config = config_from_args(args)
@@ -252,9 +211,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from models import load_weights
     from models.devices import resolve_device
-    from training.engine import extract_features
-    from training.evaluation import calibrate_thresholds, evaluate_features, pair_distances
-    from training.export import THRESHOLD_FMRS, val_loaders
+    from training.data.loaders import val_loaders
+    from training.evaluation import calibrate_thresholds, evaluate_features, extract_features, pair_distances
+    from training.export import THRESHOLD_FMRS
 
     device = resolve_device(args.device)
     model = load_weights(args.weights, device)
@@ -315,8 +274,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from models.devices import resolve_device
+    from training.data.loaders import build_loaders
     from training.data.synthetic import generate_synthetic_market1501
-    from training.engine import build_networks, evaluate, fit
+    from training.engine import build_networks, fit
+    from training.evaluation import evaluate
 
     out = Path(args.out)
     root = generate_synthetic_market1501(out / "data", seed=args.seed, size=(64, 32))

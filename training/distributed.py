@@ -18,6 +18,11 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The network inside a DistributedDataParallel wrapper (which keeps it in ``.module``), or ``module``."""
+    return getattr(module, "module", module)
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

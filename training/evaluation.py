@@ -8,13 +8,16 @@ match is skipped (not counted); CMC is averaged over the valid queries.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from models.clustering import jaccard_from_encodings, k_reciprocal_encoding
 from models.clustering import k_reciprocal_neighbors as k_reciprocal_neighbors  # re-exported: its old home
+from training.data.base import Batch
 
 logger = logging.getLogger(__name__)
 
@@ -225,3 +228,33 @@ def calibrate_thresholds(
                 fmr,
             )
     return out
+
+
+@torch.no_grad()
+def extract_features(
+    extractor: nn.Module, loader: Iterable[Batch], device: torch.device
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Served templates (the extractor's eval forward): (N, feat_dim), pids (N,), camids (N,)."""
+    was_training = extractor.training
+    extractor.eval()
+    feats, pids, camids = [], [], []
+    for images, pid, camid, _index in loader:
+        feats.append(extractor(images.to(device)).float().cpu())
+        pids.append(torch.as_tensor(pid))
+        camids.append(torch.as_tensor(camid))
+    extractor.train(was_training)
+    return torch.cat(feats), torch.cat(pids).numpy(), torch.cat(camids).numpy()
+
+
+def evaluate(
+    extractor: nn.Module,
+    query_loader: Iterable[Batch],
+    gallery_loader: Iterable[Batch],
+    device: torch.device,
+    rerank: bool = False,
+) -> dict[str, float]:
+    """mAP, rank-1/5/10 and mINP in percent, both protocols (see ``evaluate_features``); with ``rerank`` also
+    the standard protocol's figures after k-reciprocal re-ranking, prefixed ``rerank_``."""
+    qf, q_pids, q_camids = extract_features(extractor, query_loader, device)
+    gf, g_pids, g_camids = extract_features(extractor, gallery_loader, device)
+    return evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, rerank=rerank)

@@ -15,8 +15,8 @@ import torch
 from models import FeatureExtractor, MaskGenerator, ModelConfig, save_weights
 from models.onnx_export import export_onnx as export_graph
 from training.checkpoint import checkpoint_config, load_checkpoint
-from training.config import TrainConfig
-from training.evaluation import calibrate_thresholds, pair_distances
+from training.data.loaders import val_loaders
+from training.evaluation import calibrate_thresholds, extract_features, pair_distances
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +88,6 @@ def threshold_provenance(
     """The provenance entries of the open-set threshold, calibrated on the validation split's cross-camera
     query-gallery pairs (Euclidean distances between served templates, the service's space):
     ``thresholds`` = [{"fmr", "distance", "tmr"}, ...], ``threshold_split`` = "val" and the pair counts."""
-    from training.engine import extract_features
-
     device = torch.device(device)
     qf, q_pids, q_camids = extract_features(extractor.to(device), query, device)
     gf, g_pids, g_camids = extract_features(extractor, gallery, device)
@@ -122,6 +120,11 @@ def export_weights(
             config = checkpoint_config(load_checkpoint(Path(source) / f"{which}.pt"))
             if root is not None:
                 config = dataclasses.replace(config, root=str(root))
+            if not Path(config.root).exists():
+                raise FileNotFoundError(
+                    f"data set root {config.root} does not exist: the thresholds are calibrated on its val split "
+                    "(give the data with --root, or export without thresholds)"
+                )
             query, gallery = val_loaders(config)
             provenance.update(threshold_provenance(extractor, query, gallery))
     else:
@@ -129,25 +132,6 @@ def export_weights(
     path = save_weights(path, extractor, mask_generator, provenance or {})
     logger.info("wrote weights %s", path)
     return path
-
-
-def val_loaders(config: TrainConfig, model_config: ModelConfig | None = None, workers: int = 0) -> tuple[Any, Any]:
-    """Query and gallery loaders of ``config``'s data set with the served pre-processing."""
-    from models import build_eval_transform
-    from training.data import ImageDataset, build_dataset
-
-    if not Path(config.root).exists():
-        raise FileNotFoundError(
-            f"data set root {config.root} does not exist: the thresholds are calibrated on its val split "
-            "(give the data with --root, or export without thresholds)"
-        )
-    dataset = build_dataset(config.dataset, config.root, **config.dataset_kwargs)
-    transform = build_eval_transform(model_config or config.model_config())
-    kw = dict(batch_size=128, shuffle=False, num_workers=workers)
-    return (
-        torch.utils.data.DataLoader(ImageDataset(dataset.query, transform), **kw),
-        torch.utils.data.DataLoader(ImageDataset(dataset.gallery, transform), **kw),
-    )
 
 
 def export_onnx(

@@ -9,9 +9,9 @@ import pytest
 
 from tests.conftest import SHARED_DATA, require_shared
 from tests.training.conftest import write_jpg
-from training.cli import build_loaders
 from training.config import TrainConfig
 from training.data import build_dataset
+from training.data.loaders import build_loaders
 
 
 def test_manifest_val_split_takes_queries_from_query_camid(manifest_root) -> None:

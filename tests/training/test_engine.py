@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from models import ModelConfig
 from training.config import TrainConfig
-from training.engine import Loaders, build_networks, evaluate, fit, set_stage_modes, training_step
+from training.engine import Loaders, build_networks, fit, set_stage_modes, training_step
+from training.evaluation import evaluate
 from training.losses import extractor_loss, mask_loss
 
 SMALL_MODEL = ModelConfig(

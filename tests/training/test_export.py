@@ -12,9 +12,9 @@ import torch
 from models import ModelConfig, build_extractor, build_mask_generator, load_weights, read_metadata
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig
-from training.engine import extract_features
-from training.evaluation import calibrate_thresholds, pair_distances
-from training.export import export_onnx, export_weights, fmr_curve, onnx_max_difference, val_loaders
+from training.data.loaders import val_loaders
+from training.evaluation import calibrate_thresholds, extract_features, pair_distances
+from training.export import export_onnx, export_weights, fmr_curve, onnx_max_difference
 
 SMALL = ModelConfig(backbone="resnet18", input_height=64, input_width=32, feat_dim=64, unet_base_width=4, unet_levels=3)
 

@@ -31,7 +31,8 @@ from training.adapt.pseudo_labels import ClusterSettings, cluster_summary, pseud
 from training.adapt.site import Site, read_site, site_identities
 from training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from training.data.base import ImageDataset, Sample
-from training.evaluation import calibrate_thresholds, evaluate_features, pair_distances
+from training.engine.precision import autocast
+from training.evaluation import calibrate_thresholds, evaluate_features, extract_features, pair_distances
 from training.export import THRESHOLD_FMRS, fmr_curve
 from training.samplers import RandomIdentitySampler
 from training.transforms import split_train_transform
@@ -89,12 +90,6 @@ class Round:
     figures: dict[str, float] = field(default_factory=dict)
 
 
-def _autocast(config: AdaptConfig, device: torch.device):
-    if config.amp == "none":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def _freeze(extractor: FeatureExtractor, blocks: int, adapt_bn: bool) -> None:
     """Training mode, with the leading ``blocks`` trunk blocks' weights frozen; their BN statistics follow the
     site's crops with ``adapt_bn`` (AdaBN), else they stay the source's."""
@@ -104,16 +99,6 @@ def _freeze(extractor: FeatureExtractor, blocks: int, adapt_bn: bool) -> None:
             block.eval()
         for parameter in block.parameters():
             parameter.requires_grad_(False)
-
-
-@torch.no_grad()
-def templates(extractor: FeatureExtractor, loader: Iterable, device: torch.device) -> torch.Tensor:
-    """(N, D) served templates of the site's crops, in order, float32 on the CPU."""
-    was_training = extractor.training
-    extractor.eval()
-    out = [extractor(images.to(device)).float().cpu() for images, *_ in loader]
-    extractor.train(was_training)
-    return torch.cat(out)
 
 
 def site_figures(features: torch.Tensor, site: Site, pids: list[int], query_camid: int) -> dict[str, float]:
@@ -190,7 +175,7 @@ def adapt(config: AdaptConfig, progress: Callable[[Iterable, str, int], Iterable
     start = _resume(out / CHECKPOINT, config, site_sha, extractor, optimizer, history)
     for index in progress(range(start, config.rounds), "adapting", config.rounds - start):
         round_began = time.monotonic()
-        features = templates(extractor, eval_loader, device)
+        features = extract_features(extractor, eval_loader, device)[0]
         figures = site_figures(features, site, pids, config.query_camid) if pids is not None else {}
         labels = pseudo_labels(features.numpy(), camids, config.cluster)
         summary = cluster_summary(labels, camids)
@@ -199,7 +184,7 @@ def adapt(config: AdaptConfig, progress: Callable[[Iterable, str, int], Iterable
         logger.info("round %d: %s, loss %.3f%s", index, _words(summary), loss, _figure_words(figures))
         _checkpoint(out / CHECKPOINT, config, site_sha, extractor, optimizer, history)
 
-    features = templates(extractor, eval_loader, device)
+    features = extract_features(extractor, eval_loader, device)[0]
     labels = pseudo_labels(features.numpy(), camids, config.cluster)
     calibration = pseudo_calibration(features, labels, camids)
     provenance = {
@@ -261,7 +246,7 @@ def _train_round(
     device: torch.device,
     index: int,
 ) -> float:
-    _freeze(extractor, config.freeze_blocks, config.adapt_bn)  # again: ``templates`` left all in training mode
+    _freeze(extractor, config.freeze_blocks, config.adapt_bn)  # again: ``extract_features`` left all in training mode
     kept = np.flatnonzero(labels >= 0)
     if len(np.unique(labels[kept])) < config.p:
         logger.warning(
@@ -284,23 +269,42 @@ def _train_round(
         sampler.set_epoch(index * 1000 + epoch)
         epoch += 1
         for images, _pid, _camid, rows in loader:
-            batch_y, batch_cam = y[rows], cams[rows]
-            with _autocast(config, device):
-                before, after = extractor.forward_neck(images.to(device))
-            f = (after if extractor.config.neck_feat == "after" else before).float()
-            loss = memory.loss(f, batch_y.to(device))
-            if proxies is not None:
-                loss = loss + config.proxy_weight * proxies.loss(f, batch_y.to(device), batch_cam.to(device))
+            batch_y, batch_cam = y[rows].to(device), cams[rows].to(device)
+            images = images.to(device)
+            f = _features(extractor, images, config, device)
+            loss = _site_loss(f, batch_y, batch_cam, memory, proxies, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            memory.update(f.cpu(), batch_y)
+            memory.update(f.detach().cpu(), batch_y.cpu())
             if proxies is not None:
-                proxies.update(f.cpu(), batch_y, batch_cam)
+                proxies.update(f.detach().cpu(), batch_y.cpu(), batch_cam.cpu())
             losses.append(float(loss.detach()))
             if len(losses) == config.steps:
                 break
     return float(np.mean(losses))
+
+
+def _features(extractor: FeatureExtractor, images: torch.Tensor, config: AdaptConfig, device: torch.device):
+    """The feature the site's losses train: the served one (before or after the BNNeck), float32."""
+    with autocast(config.amp, device):
+        before, after = extractor.forward_neck(images)
+    return (after if extractor.config.neck_feat == "after" else before).float()
+
+
+def _site_loss(
+    f: torch.Tensor,
+    labels: torch.Tensor,
+    cams: torch.Tensor,
+    memory: ClusterMemory,
+    proxies: CameraProxies | None,
+    config: AdaptConfig,
+) -> torch.Tensor:
+    """The cluster memory's contrastive loss, plus the camera proxies' at ``proxy_weight``."""
+    loss = memory.loss(f, labels)
+    if proxies is not None:
+        loss = loss + config.proxy_weight * proxies.loss(f, labels, cams)
+    return loss
 
 
 def _checkpoint(path, config, site_sha, extractor, optimizer, history) -> None:

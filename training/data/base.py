@@ -12,6 +12,7 @@ from PIL import Image
 
 from models import to_rgb
 
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # a loader's collated (image, pid, camid, index)
 
 @dataclass(frozen=True)
 class Sample:
