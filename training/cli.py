@@ -96,6 +96,10 @@ def _add_adapt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=d.temperature, help="cluster memory's (default %(default)s)")
     p.add_argument("--momentum", type=float, default=d.momentum, help="cluster memory's (default %(default)s)")
     p.add_argument("--proxy-weight", type=float, default=d.proxy_weight, help="camera proxies' weight; 0: none")
+    p.add_argument(
+        "--mask-weight", type=float, default=d.mask_weight,
+        help="share of the loss from the crops with the mask generator's top 30%% hidden (the paper's 0.1); 0: off",
+    )  # fmt: skip
     p.add_argument("--k1", type=int, default=c.k1, help="Jaccard distance's k1 (default %(default)s)")
     p.add_argument("--k2", type=int, default=c.k2, help="Jaccard distance's k2 (default %(default)s)")
     p.add_argument("--eps", type=float, default=c.eps, help="DBSCAN's eps on it (default %(default)s)")
@@ -262,6 +266,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         weights=args.weights, site=args.site, out=args.out, rounds=args.rounds, steps=args.steps, p=args.p, k=args.k,
         lr=args.lr, freeze_blocks=args.freeze_blocks, adapt_bn=args.adapt_bn, random_erasing=args.random_erasing,
         temperature=args.temperature, momentum=args.momentum, proxy_weight=args.proxy_weight,
+        mask_weight=args.mask_weight,
         cluster=ClusterSettings(args.k1, args.k2, args.eps, args.min_samples, args.camera_centring), amp=args.amp,
         seed=args.seed, threshold_from=args.threshold_from, device=str(resolve_device(args.device)),
         workers=args.workers, eval=args.eval,

@@ -219,3 +219,25 @@ def test_frozen_blocks_keep_their_weights_and_their_bn_statistics_follow_the_sit
     # Two rounds, the templates computed in between: the statistics are the source's only when asked.
     assert all(torch.equal(before[k], after[k]) for k in statistics) is not adapt_bn
     assert not torch.equal(before["trunk.layer2.0.bn1.running_mean"], after["trunk.layer2.0.bn1.running_mean"])
+
+
+def test_masks_hide_the_salient_pixels_of_a_second_view_and_need_a_mask_generator(tmp_path: Path) -> None:
+    from models import build_mask_generator
+
+    site = make_site(tmp_path / "site")
+    torch.manual_seed(0)
+    extractor, generator = build_extractor(TINY).eval(), build_mask_generator(TINY).eval()
+    plain = save_weights(tmp_path / "plain.safetensors", extractor, None, {"recipe": "test"})
+    with pytest.raises(ValueError, match="needs a trained mask generator"):
+        adapt(tiny_config(plain, site, tmp_path / "refused", mask_weight=0.1))
+    masked = save_weights(tmp_path / "masked.safetensors", extractor, generator, {"recipe": "test"})
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+        adapt(tiny_config(masked, site, tmp_path / "whole", mask_weight=1.0))
+    without = load_weights(adapt(tiny_config(masked, site, tmp_path / "without")))
+    runs = [load_weights(adapt(tiny_config(masked, site, tmp_path / f"with{i}", mask_weight=0.5))) for i in (0, 1)]
+    differ = lambda a, b: any(not torch.equal(v, b[k]) for k, v in a.items())  # noqa: E731
+    trained = runs[0].extractor.state_dict()
+    assert differ(trained, without.extractor.state_dict())  # the hidden view adds its own gradient
+    assert not differ(trained, runs[1].extractor.state_dict())  # and the run is still fixed by its seed
+    assert not differ(runs[0].mask_generator.state_dict(), generator.state_dict())  # the generator is only read
+    assert runs[0].provenance["adaptation"]["settings"]["mask_weight"] == 0.5

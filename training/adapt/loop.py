@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models import build_eval_transform, load_weights, save_weights
+from models import MaskGenerator, build_eval_transform, hide_top, load_weights, save_weights
 from models.clustering import camera_centred
 from models.extractor import FeatureExtractor
 from models.files import atomic_path
@@ -31,6 +31,7 @@ from training.adapt.pseudo_labels import ClusterSettings, cluster_summary, pseud
 from training.adapt.site import Site, read_site, site_identities
 from training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from training.data.base import ImageDataset, Sample
+from training.engine.networks import running_stats_kept
 from training.engine.precision import autocast
 from training.evaluation import calibrate_thresholds, evaluate_features, extract_features, pair_distances
 from training.export import THRESHOLD_FMRS, fmr_curve
@@ -64,6 +65,10 @@ class AdaptConfig:
     temperature: float = 0.05
     momentum: float = 0.1
     proxy_weight: float = 0.5  # camera proxies' share of the loss; 0: cluster memory alone
+    # The paper's masks during adaptation: this share of each step's loss comes from the same crops with the source's
+    # mask generator's top ``mask_ratio`` pixels hidden, as stage 3 does (the paper's 1 - lambda1 is 0.1). Off by
+    # default, as measured (docs/TRAINING.md, "Adapting to a site": the masks).
+    mask_weight: float = 0.0
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     amp: str = "none"  # or bf16 (CPUs with AMX / AVX-512 bf16, or CUDA)
     seed: int = 0
@@ -154,6 +159,13 @@ def adapt(config: AdaptConfig, progress: Callable[[Iterable, str, int], Iterable
     camids = np.array([c.camid for c in site.crops])
     site_sha = site.sha256()
     pids = site_identities(site) if config.eval else None
+    if not 0 <= config.mask_weight < 1:
+        raise ValueError(f"--mask-weight must be in [0, 1), not {config.mask_weight}")
+    if config.mask_weight > 0 and source.mask_generator is None:
+        raise ValueError(
+            f"--mask-weight {config.mask_weight} needs a trained mask generator, and {config.weights} has none: "
+            "adapt from weights of a run that trained stage 2 (the paper's recipe, or --stages 1,2 and more)"
+        )
     if config.eval and pids is None:
         raise ValueError(f"--eval needs a manifest with a pid column under {config.site}")
     logger.info("site %s: %d crops, %d cameras (%s)", site.root, len(site.crops), len(site.cameras), site_sha[:12])
@@ -179,7 +191,9 @@ def adapt(config: AdaptConfig, progress: Callable[[Iterable, str, int], Iterable
         figures = site_figures(features, site, pids, config.query_camid) if pids is not None else {}
         labels = pseudo_labels(features.numpy(), camids, config.cluster)
         summary = cluster_summary(labels, camids)
-        loss = _train_round(config, extractor, optimizer, train_set, features, labels, camids, device, index)
+        loss = _train_round(
+            config, extractor, source.mask_generator, optimizer, train_set, features, labels, camids, device, index
+        )
         history.append(Round(index, summary, loss, time.monotonic() - round_began, figures))
         logger.info("round %d: %s, loss %.3f%s", index, _words(summary), loss, _figure_words(figures))
         _checkpoint(out / CHECKPOINT, config, site_sha, extractor, optimizer, history)
@@ -238,6 +252,7 @@ def _threshold_check(
 def _train_round(
     config: AdaptConfig,
     extractor: FeatureExtractor,
+    mask_generator: MaskGenerator | None,
     optimizer: torch.optim.Optimizer,
     train_set: ImageDataset,
     features: torch.Tensor,
@@ -273,6 +288,14 @@ def _train_round(
             images = images.to(device)
             f = _features(extractor, images, config, device)
             loss = _site_loss(f, batch_y, batch_cam, memory, proxies, config)
+            if config.mask_weight > 0:
+                with torch.no_grad(), autocast(config.amp, device):
+                    mask = mask_generator.eval()(images)
+                hidden = hide_top(images, mask.float(), extractor.config.mask_ratio)
+                with running_stats_kept(extractor):  # the clean crops alone move BN's statistics, as in stage 3
+                    masked = _features(extractor, hidden, config, device)
+                masked_loss = _site_loss(masked, batch_y, batch_cam, memory, proxies, config)
+                loss = (1 - config.mask_weight) * loss + config.mask_weight * masked_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
