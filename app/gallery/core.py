@@ -1,9 +1,10 @@
 """The gallery: the database is the truth and its log; the FAISS index is a snapshot of it plus the changes
 after the snapshot's watermark.
 
-- A write commits the entries and one numbered ``reid_changes`` row per change in one transaction (writers take
-  a lock first, so the numbers are in commit order), is acknowledged, and is then applied to this process's
-  index. Its cost does not depend on the gallery's size: no index file is written on the request path.
+- A write (``app.gallery.writes``) commits the entries and one numbered ``reid_changes`` row per change in one
+  transaction (writers take a lock first, so the numbers are in commit order), is acknowledged, and is then
+  applied to this process's index. Its cost does not depend on the gallery's size: no index file is written on
+  the request path.
 - Every application of a change is idempotent (an add of a live id, a delete of a missing one, do nothing), so
   replaying the log from any watermark at or below the index's true state converges on the database.
 - The index is bound to its database, not only to numbers in it: the database's epoch and the change row at the
@@ -12,44 +13,34 @@ after the snapshot's watermark.
   rebuilt from the database (``resyncs`` counts it).
 - A background worker (``app.gallery.worker``) catches up with other replicas' changes, writes snapshots and
   rebuilds the index when it asks for it (IVF training, HNSW compaction).
-- A search holds a read lock for the search alone: snapshots read-lock too, writes to the index write-lock."""
+- A search (``app.gallery.reads``) holds a read lock for the search alone: snapshots read-lock too, writes to
+  the index write-lock."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from app import migrate
-from app.columns import Columns, EntryFilter, to_microseconds
-from app.db import (
-    OP_ADD,
-    OP_DELETE,
-    OP_REEMBED,
-    Entry,
-    IdempotentAnswer,
-    make_sessionmaker,
-)
-from app.faults import IdempotencyKeyReused, ModelMismatch, Resyncing, WriteBusy
+from app.columns import Columns, to_microseconds
+from app.db import OP_ADD, OP_DELETE, OP_REEMBED, Entry, make_sessionmaker
 from app.gallery import binding, changelog, snapshots
 from app.gallery.crops import CropStore
 from app.gallery.locks import ReadWriteLock, lock_data_dir
 from app.gallery.rebuild import build_from_database
-from app.gallery.state import ChangeMark, EntrySummary, IndexState
+from app.gallery.state import IndexState
 from app.gallery.worker import Worker
+from app.gallery.writes import GalleryWrites
 from app.index import VectorIndex, validate
 
 if TYPE_CHECKING:
@@ -57,38 +48,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-IN_LIST = 10_000  # ids per SQL IN list: PostgreSQL's protocol takes at most 65,535 parameters a statement
-IDEMPOTENCY_TTL = timedelta(hours=24)  # how long a key's answer is kept (Stripe's and the IETF draft's day)
 
+class Gallery(GalleryWrites):
+    """The one object callers use: open, enrol and delete (``app.gallery.writes``), read and search
+    (``app.gallery.reads``), catch up, snapshot, close."""
 
-@dataclass
-class NewEntry:
-    """What an enrolment says of one crop besides its picture and template."""
-
-    identity: str
-    camera: str | None
-    meta: dict[str, Any]
-    captured_at: datetime | None = None  # None: the commit's time
-    person_id: int | None = None  # sightings only: the person it is grouped into
-    track: str | None = None  # sightings only: the tracker's id of its tracklet
-
-
-# A crop stored for an enrolment: (sha256 of the upload, path relative to the data folder, width, height).
-StoredCrop = tuple[str, str, int, int]
-# Called inside an enrolment's transaction before the entries are inserted: may add rows (new people) and fill
-# the NewEntry fields that depend on them, so that all of it commits or none.
-BeforeInsert = Callable[[Session, list[NewEntry]], None]
-
-
-@dataclass
-class Enrolled:
-    """What an enrolment gave: its entries, or (a retried Idempotency-Key) the first answer, as sent then."""
-
-    entries: list[Entry]
-    replayed: str | None = None
-
-
-class Gallery:
     def __init__(
         self,
         engine: Engine,
@@ -300,46 +264,6 @@ class Gallery:
 
     # -- the log --------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        """This process's writer slot, or WriteBusy after REID_WRITE_LOCK_TIMEOUT_S."""
-        if not self.write_lock.acquire(timeout=self.write_lock_timeout_s):
-            raise WriteBusy(
-                f"another write has held this replica's writer slot for over {self.write_lock_timeout_s:g} s"
-            )
-        try:
-            yield
-        finally:
-            self.write_lock.release()
-
-    @contextlib.contextmanager
-    def relabelling(self) -> Iterator[Session]:
-        """A transaction that holds the writers' locks (this process's and the database's) for a change that
-        touches no template, so leaves the index alone: entries' identities, people. No enrolment runs
-        meanwhile, so none can join a person that this transaction merges away."""
-        with self._writing(), self.sessions() as session, session.begin():
-            changelog.lock_writers(session, self.postgres, self.write_lock_timeout_s)
-            yield session
-
-    def _begin_write(self, session: Session) -> str | None:
-        """In a write transaction, before any change: serialise writers, check the model binding; why the index
-        no longer belongs to this database (then the write's changes are not applied to it: it is rebuilt)."""
-        changelog.lock_writers(session, self.postgres, self.write_lock_timeout_s)
-        if self.fingerprint is not None:
-            stored = binding.stored_fingerprint(session)
-            if stored is not None and stored != self.fingerprint:
-                self.failure = binding.mismatch_message(stored, self.fingerprint)
-                raise ModelMismatch(self.failure)
-        return self._foreign(session)
-
-    def _committed(self, foreign: str | None, op: str, changes: list[tuple[int, ChangeMark]], *args: Any) -> None:
-        if foreign is not None:
-            self.resync(foreign)  # the rebuild holds this write's rows
-        else:
-            self._apply(op, *args)
-            self.state.applied(changes)
-        self._changed(len(changes))
-
     def _apply(self, op: str, *args: Any) -> int:
         """Apply one change to the index (under its write lock), journalled while a rebuild runs."""
         with self.rw.write():
@@ -398,285 +322,6 @@ class Gallery:
                 else:  # every embedding changed: this replica's index is rebuilt from the new ones
                     self.worker.start_rebuild("the gallery was re-embedded")
             self.changes_since_snapshot += len(run)
-
-    # -- writes ---------------------------------------------------------------------------------------
-
-    def store_crop(self, data: bytes, image: Image.Image) -> tuple[str, str]:
-        """Save the decoded crop durably under a content-addressed name, held until the add that uses it."""
-        return self.crops.store(data, image)
-
-    def hold_crops(self, uploads: Sequence[tuple[bytes, Image.Image]]) -> list[StoredCrop]:
-        """Store the decoded crops durably, each held (no delete takes its file) until ``enroll_held`` commits or
-        ``release_crops``: a route stores them while the network runs, so their fsyncs cost no time."""
-        crops: list[StoredCrop] = []
-        try:
-            for data, image in uploads:
-                digest, relative = self.crops.store(data, image)
-                crops.append((digest, relative, image.width, image.height))
-        except BaseException:
-            self.release_crops(crops)
-            raise
-        return crops
-
-    def release_crops(self, crops: Sequence[StoredCrop]) -> None:
-        """Let go of held crops that will not be enrolled (the network refused the request)."""
-        self.crops.release(relative for _, relative, _, _ in crops)
-
-    def enroll(
-        self,
-        new: Sequence[NewEntry],
-        uploads: Sequence[tuple[bytes, Image.Image]],
-        vectors: np.ndarray,
-        *,
-        idempotency_key: str | None = None,
-        request_sha256: str = "",
-        answer: Callable[[list[Entry]], str] | None = None,
-        before_insert: BeforeInsert | None = None,
-    ) -> Enrolled:
-        """Store the crops and enrol them, ``new[i]`` saying what ``uploads[i]`` is: ``hold_crops`` then
-        ``enroll_held`` in one call."""
-        return self.enroll_held(
-            new,
-            self.hold_crops(uploads),
-            vectors,
-            idempotency_key=idempotency_key,
-            request_sha256=request_sha256,
-            answer=answer,
-            before_insert=before_insert,
-        )
-
-    def enroll_held(
-        self,
-        new: Sequence[NewEntry],
-        crops: list[StoredCrop],
-        vectors: np.ndarray,
-        *,
-        idempotency_key: str | None = None,
-        request_sha256: str = "",
-        answer: Callable[[list[Entry]], str] | None = None,
-        before_insert: BeforeInsert | None = None,
-    ) -> Enrolled:
-        """Enrol crops ``hold_crops`` stored, ``new[i]`` saying what ``crops[i]`` is; acknowledged once committed,
-        the holds released either way. With an ``idempotency_key``, ``answer(entries)`` is committed with the
-        entries and a retry gets it back (the first answer, when the key committed meanwhile)."""
-        return self._add(
-            list(new),
-            crops,
-            vectors,
-            idempotency_key=idempotency_key,
-            request_sha256=request_sha256,
-            answer=answer,
-            before_insert=before_insert,
-        )
-
-    def idempotent_answer(self, key: str, request_sha256: str, session: Session | None = None) -> str | None:
-        """The answer committed for ``key``, None for a new key; IdempotencyKeyReused for another request's key."""
-        with contextlib.ExitStack() as stack:
-            session = session or stack.enter_context(self.sessions())
-            row = session.get(IdempotentAnswer, key)
-            if row is None:
-                return None
-            if row.request_sha256 != request_sha256:
-                raise IdempotencyKeyReused(
-                    f"the Idempotency-Key {key!r} was first sent with another request; a key names one request"
-                )
-            return row.body
-
-    def add(
-        self,
-        identity: str,
-        camera: str | None,
-        meta: dict[str, Any],
-        crops: list[StoredCrop],
-        vectors: np.ndarray,
-        captured_at: datetime | None = None,
-    ) -> list[Entry]:
-        """Enroll crops of one identity stored by ``store_crop`` (digest, relative path, width, height) with their
-        templates; acknowledged once committed."""
-        new = [NewEntry(identity, camera, meta, captured_at) for _ in crops]
-        return self._add(new, crops, vectors).entries
-
-    def _add(
-        self,
-        new: list[NewEntry],
-        crops: list[StoredCrop],
-        vectors: np.ndarray,
-        *,
-        idempotency_key: str | None = None,
-        request_sha256: str = "",
-        answer: Callable[[list[Entry]], str] | None = None,
-        before_insert: BeforeInsert | None = None,
-    ) -> Enrolled:
-        # The crops' holds (``store_crop``) are released here, committed or not.
-        try:
-            vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(crops), -1)
-            if vectors.shape[1] != self.dim:
-                raise ValueError(f"templates of {vectors.shape[1]} values; this gallery holds {self.dim}-d ones")
-            if len(new) != len(crops):
-                raise ValueError(f"{len(new)} entries described for {len(crops)} crops")
-            now = datetime.now(UTC)
-            with self._writing():
-                with self.sessions() as session, session.begin():
-                    foreign = self._begin_write(session)
-                    if idempotency_key is not None:
-                        previous = self.idempotent_answer(idempotency_key, request_sha256, session)
-                        if previous is not None:  # the first request committed meanwhile
-                            return Enrolled([], previous)
-                    if before_insert is not None:
-                        before_insert(session, new)
-                    entries = [
-                        Entry(
-                            identity=item.identity,
-                            camera=item.camera,
-                            meta=item.meta,
-                            created_at=now,
-                            captured_at=item.captured_at or now,
-                            content_sha256=digest,
-                            crop_path=relative,
-                            width=width,
-                            height=height,
-                            embedding=np.asarray(vector, dtype="<f4").tobytes(),
-                            person_id=item.person_id,
-                            track=item.track,
-                        )
-                        for item, (digest, relative, width, height), vector in zip(new, crops, vectors, strict=True)
-                    ]
-                    session.add_all(entries)
-                    session.flush()
-                    changes = changelog.append(session, OP_ADD, [e.id for e in entries], self.postgres)
-                    if idempotency_key is not None:
-                        body = answer(entries) if answer is not None else ""
-                        session.add(IdempotentAnswer(key=idempotency_key, request_sha256=request_sha256, body=body))
-                ids = np.array([e.id for e in entries], dtype=np.int64)
-                captured_us = np.array([to_microseconds(e.captured_at) for e in entries], np.int64)
-                self._committed(foreign, OP_ADD, changes, ids, vectors, [e.camera for e in entries], captured_us)
-                return Enrolled(entries)
-        finally:
-            self.crops.release(relative for _, relative, _, _ in crops)
-
-    def delete(self, ids: list[int]) -> int:
-        """Delete entries, then their crop files that no other entry uses; the number of entries deleted. Large
-        deletes go in transactions of IN_LIST entries."""
-        deleted = 0
-        for start in range(0, len(ids), IN_LIST):
-            deleted += self._delete_chunk(ids[start : start + IN_LIST])
-        return deleted
-
-    def _delete_chunk(self, ids: list[int]) -> int:
-        with self._writing():
-            with self.sessions() as session, session.begin():
-                foreign = self._begin_write(session)
-                rows = session.execute(
-                    select(Entry.id, Entry.content_sha256, Entry.crop_path).where(Entry.id.in_(ids))
-                ).all()
-                if not rows:
-                    return 0
-                session.execute(delete(Entry).where(Entry.id.in_([r.id for r in rows])))
-                changes = changelog.append(session, OP_DELETE, [r.id for r in rows], self.postgres)
-            self._committed(foreign, OP_DELETE, changes, np.array([r.id for r in rows], np.int64))
-        self.crops.delete_unused({r.content_sha256: r.crop_path for r in rows})
-        return len(rows)
-
-    def delete_identity(self, identity: str) -> int:
-        return self.delete(self.ids_of_identity(identity))
-
-    def _changed(self, count: int) -> None:
-        self.changes_since_snapshot += count
-        if self.changes_since_snapshot >= self.snapshot_every or self.state.index.needs_rebuild():
-            self.worker.wake()
-
-    def sweep_crops(self) -> int:
-        return self.crops.sweep()
-
-    def forget_idempotency_keys(self) -> int:
-        """Drop the answers kept for Idempotency-Keys older than IDEMPOTENCY_TTL; how many."""
-        with self.sessions() as session, session.begin():
-            result = session.execute(
-                delete(IdempotentAnswer).where(IdempotentAnswer.created_at < datetime.now(UTC) - IDEMPOTENCY_TTL)
-            )
-        return result.rowcount or 0
-
-    # -- reads ----------------------------------------------------------------------------------------
-
-    def db_ids(self) -> np.ndarray:
-        with self.sessions() as session:
-            ids = session.scalars(select(Entry.id).order_by(Entry.id)).all()
-        return np.array(ids, dtype=np.int64)
-
-    def get(self, entry_id: int) -> Entry | None:
-        with self.sessions() as session:
-            return session.get(Entry, entry_id)
-
-    def get_many(self, ids: list[int]) -> dict[int, Entry]:
-        if not ids:
-            return {}
-        with self.sessions() as session:
-            return {e.id: e for e in session.scalars(select(Entry).where(Entry.id.in_(ids)))}
-
-    def summaries(self, ids: Sequence[int]) -> dict[int, EntrySummary]:
-        """identity, camera, captured_at for these ids, reading only those columns (never the embedding)."""
-        if not ids:
-            return {}
-        with self.sessions() as session:
-            rows = session.execute(
-                select(Entry.id, Entry.identity, Entry.camera, Entry.captured_at, Entry.created_at).where(
-                    Entry.id.in_([int(i) for i in ids])
-                )
-            ).all()
-        return {r.id: EntrySummary(r.identity, r.camera, r.captured_at or r.created_at) for r in rows}
-
-    def ids_of_identity(self, identity: str) -> list[int]:
-        with self.sessions() as session:
-            return list(session.scalars(select(Entry.id).where(Entry.identity == identity)))
-
-    def list(self, identity: str | None, offset: int, limit: int) -> tuple[int, list[Entry]]:
-        with self.sessions() as session:
-            query = select(Entry)
-            count = select(func.count(Entry.id))
-            if identity is not None:
-                query = query.where(Entry.identity == identity)
-                count = count.where(Entry.identity == identity)
-            total = session.scalar(count) or 0
-            return total, list(session.scalars(query.order_by(Entry.id).offset(offset).limit(limit)))
-
-    def identities(self, offset: int = 0, limit: int | None = None) -> list[tuple[str, int, int]]:
-        """(identity, number of entries, its lowest entry id: the first crop enrolled), by name, the page from
-        ``offset``; one query, paged in SQL."""
-        with self.sessions() as session:
-            rows = session.execute(
-                select(Entry.identity, func.count(Entry.id), func.min(Entry.id))
-                .group_by(Entry.identity)
-                .order_by(Entry.identity)
-                .offset(offset)
-                .limit(limit)
-            ).all()
-        return [(r[0], int(r[1]), int(r[2])) for r in rows]
-
-    def identity_count(self) -> int:
-        with self.sessions() as session:
-            return session.scalar(select(func.count(func.distinct(Entry.identity)))) or 0
-
-    def search(self, queries: np.ndarray, k: int, where: EntryFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(n, k) squared-L2 distances and ids, nearest first, -1 padded; one FAISS call for all n queries.
-
-        ``where`` is applied inside FAISS (an id selector over the in-memory columns), so k survivors come back
-        whenever k entries pass it."""
-        if self.failure is not None:  # the gallery was re-embedded under other weights: no meaningless matches
-            raise ModelMismatch(self.failure)
-        if self.resyncing is not None:
-            raise Resyncing(self.resyncing)
-        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        with self.rw.read():
-            state = self.state
-            allowed = state.columns.allowed(where) if where is not None else None
-            distances, ids = state.index.search(queries, k, allowed)
-        if ids.shape[1] < k:  # fewer entries (or survivors) than k: -1 padded, as FAISS pads
-            pad = ((0, 0), (0, k - ids.shape[1]))
-            ids, distances = np.pad(ids, pad, constant_values=-1), np.pad(distances, pad, constant_values=np.inf)
-        return distances, ids
-
-    def __len__(self) -> int:
-        return len(self.state.index)
 
     # -- snapshots and rebuilds -------------------------------------------------------------------------
 

@@ -244,9 +244,9 @@ def test_a_picture_enrolled_while_another_entry_of_it_is_deleted_keeps_its_crop(
 
 
 def test_a_large_delete_goes_in_batches(tmp_path: Path, url: str, galleries: list[Gallery], monkeypatch) -> None:
-    import app.gallery.core as core
+    import app.gallery.writes as writes
 
-    monkeypatch.setattr(core, "IN_LIST", 7)  # PostgreSQL's real bound is 65,535 parameters a statement
+    monkeypatch.setattr(writes, "IN_LIST", 7)  # PostgreSQL's real bound is 65,535 parameters a statement
     gallery = open_gallery(tmp_path / "a", url)
     galleries.append(gallery)
     enroll(gallery, "alice", range(30))
