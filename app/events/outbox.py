@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from models.files import atomic_path
+
 logger = logging.getLogger(__name__)
 
 COMPACT_BYTES = 4 * 1024 * 1024  # rewrite the journal past this (it only grows between rewrites)
@@ -121,14 +123,6 @@ def _records(pending: dict[str, Pending]) -> Iterator[dict[str, Any]]:
                 }
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Outbox:
     """The pending events of this process's slot, in memory and in the journal; every method is thread-safe."""
 
@@ -206,13 +200,8 @@ class Outbox:
 
     def _rewrite(self) -> None:
         """Replace the journal by one holding only the pending events: temp file, fsync, rename, fsync folder."""
-        temporary = self._journal.with_suffix(".jsonl.tmp")
-        with temporary.open("wb") as handle:
-            handle.write(b"".join(_line(r) for r in _records(self._pending)))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self._journal)
-        _fsync_dir(self.folder)
+        with atomic_path(self._journal, durable=True) as temporary:
+            temporary.write_bytes(b"".join(_line(r) for r in _records(self._pending)))
         if self._fd >= 0:
             os.close(self._fd)
         self._fd = os.open(self._journal, os.O_WRONLY | os.O_APPEND)

@@ -8,13 +8,6 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    # Imported where used: httpx is in the dev extra only, and `reid-admin migrate` in the service's image (which
-    # builds this parser too) must not need it.
-    pass
-
 
 from app.ingest.errors import IngestError
 
@@ -49,7 +42,8 @@ class State:
         return cls(path, tracks_sha256, camera, sent)
 
     def record(self, answered: dict[str, str | None]) -> None:
-        """Add acknowledged tracks, atomically: a crash leaves the previous file or this one, never half."""
+        """Add acknowledged tracks, atomically: a crash leaves the previous file or this one, never half. (Not
+        ``models.files.atomic_path``: importing ``models`` imports torch, which this client does without.)"""
         self.sent.update(answered)
         data = {"tracks_sha256": self.tracks_sha256, "camera": self.camera, "sent": self.sent}
         temp = None
