@@ -25,7 +25,10 @@ def free_port() -> int:
 class Server:
     """``uvicorn app.main:app`` on 127.0.0.1, configured through REID_* variables as in production. Without
     ``weights`` it serves the untrained network it keeps in ``data_dir``; without ``REID_API_KEY`` in ``env`` it
-    runs unauthenticated, said explicitly as the service requires."""
+    runs unauthenticated, said explicitly as the service requires. It serves ONNX Runtime in fp32 unless
+    ``REID_BACKEND`` says otherwise: ``auto`` would calibrate and time every INT8 and OpenVINO candidate at each
+    start with crops in the data folder (about 8 s here), which these tests of the gallery do not look at
+    (``auto`` has its own, tests/app/test_reduced_precision.py)."""
 
     def __init__(self, data_dir: Path, weights: Path | None, log: Path, **env: str) -> None:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("REID_")}
@@ -33,6 +36,7 @@ class Server:
             REID_DATA_DIR=str(data_dir),
             REID_DEVICE="cpu",
             REID_BATCH_MAX_WAIT_MS="1",
+            REID_BACKEND="onnxruntime",
             REID_LOG_LEVEL="WARNING",
             OMP_NUM_THREADS="1",
         )

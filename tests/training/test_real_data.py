@@ -31,8 +31,9 @@ def test_strong_recipe_on_real_crops_beats_the_imagenet_floor_and_the_service_ag
     from training.export import export_weights
 
     # Stage 1 of the strong recipe in small (96x48, 4 frozen blocks): BNNeck, ID loss, random erasing, warm-up then
-    # cosine decay, last stride 1, the flip-averaged raw template after the BNNeck. 3 epochs: about the time the
-    # paper's 2+1+1 took here before.
+    # cosine decay, last stride 1, the flip-averaged raw template after the BNNeck. 3 epochs of 54 P x K batches,
+    # half of each epoch's 108: on a 2-core AVX2 EPYC fit took 96 s (177 s with whole epochs) and gave mAP 14.4 /
+    # rank-1 13.5 over the ImageNet floor's 4.7 / 4.4 (26.9 / 27.1 with whole epochs).
     base = recipe_config(
         "strong",
         {"backbone": "mobilenet_v2", "input_height": 96, "input_width": 48, "unet_base_width": 8},
@@ -44,6 +45,7 @@ def test_strong_recipe_on_real_crops_beats_the_imagenet_floor_and_the_service_ag
         epochs=(3, 0, 0),
         stages=(1,),
         eval_every=0,
+        epoch_batches=54,
         device="cpu",
         workers=0,
         cache_images=True,  # epochs 2 and 3 read the kept images, as the table does
@@ -54,8 +56,8 @@ def test_strong_recipe_on_real_crops_beats_the_imagenet_floor_and_the_service_ag
     _, state = fit(dataclasses.replace(base, out=str(tmp_path)), loaders, tmp_path)
     final = state.history[-1]
     assert final["stage"] == 1 and {"loss_triplet", "loss_id", "loss_extractor"} <= set(final)
-    assert final["mAP"] > floor["mAP"] + 10, (floor, final)
-    assert final["rank1"] > floor["rank1"] + 10, (floor, final)
+    assert final["mAP"] > floor["mAP"] + 6, (floor, final)
+    assert final["rank1"] > floor["rank1"] + 6, (floor, final)
 
     weights = export_weights(tmp_path, tmp_path / "model.safetensors")  # the last checkpoint, thresholds on val
     config, provenance, _ = read_metadata(weights)
