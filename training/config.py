@@ -60,6 +60,9 @@ class TrainConfig:
     id_loss_weight: float = _opt(0.0, "weight of the ID loss (cross-entropy on the BNNeck feature); 0 = off")
     label_smoothing: float = _opt(0.0, "label smoothing of the ID loss (the field's 0.1)")
     random_erasing: float = _opt(0.0, "probability of random erasing a training crop (the field's 0.5)")
+    color_jitter: float = _opt(
+        0.0, "probability of a colour jitter of a training crop (fast-reid's INPUT.CJ ranges; its PROB 0.5); 0 = off"
+    )
     # The paper does not say which views feed BatchNorm's running statistics. The served forward sees clean crops
     # only, so by default only the clean view updates them (the hidden view is still normalised with its own
     # batch statistics in training), as AdvProp keeps perturbed views out of the clean BN (Xie et al., 2020).
@@ -111,7 +114,7 @@ class TrainConfig:
             raise ValueError(f"unknown amp mode {self.amp!r}; choose {', '.join(AMP_MODES)}")
         if self.p < 2 or self.k < 2:
             raise ValueError(f"p and k must be at least 2 for the triplet loss, got p={self.p}, k={self.k}")
-        for name in ("lambda1", "lambda2", "random_erasing"):
+        for name in ("lambda1", "lambda2", "random_erasing", "color_jitter"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.lr <= 0 or self.head_lr_factor <= 0:

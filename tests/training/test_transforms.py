@@ -58,10 +58,29 @@ def test_bad_arguments_are_errors() -> None:
     config = ModelConfig()
     with pytest.raises(ValueError, match=re.escape("resize (200, 100) must be at least the input size (224, 112)")):
         build_train_transform(config, resize=(200, 100))
-    with pytest.raises(ValueError, match=re.escape("flip_p and erasing_p must be in [0, 1], got 1.5, 0.0")):
+    with pytest.raises(ValueError, match=re.escape("flip_p, erasing_p and jitter_p must be in [0, 1], got 1.5, 0.0")):
         build_train_transform(config, flip_p=1.5)
-    with pytest.raises(ValueError, match=re.escape("got 0.5, -0.1")):
+    with pytest.raises(ValueError, match=re.escape("got 0.5, -0.1, 0.0")):
         build_train_transform(config, erasing_p=-0.1)
+    with pytest.raises(ValueError, match=re.escape("got 0.5, 0.0, 2.0")):
+        build_train_transform(config, jitter_p=2.0)
+
+
+def test_colour_jitter_changes_colours_within_its_ranges_and_not_the_layout() -> None:
+    config = ModelConfig(backbone="resnet18", input_height=64, input_width=32)
+    image = _image(64, 32, seed=3)
+    plain = build_train_transform(config, resize=(64, 32), flip_p=0.0)(image)
+    jitter = build_train_transform(config, resize=(64, 32), flip_p=0.0, jitter_p=1.0)
+    std = torch.tensor(config.std).view(3, 1, 1)
+    torch.manual_seed(0)
+    for _ in range(20):
+        out = jitter(image)
+        assert out.shape == plain.shape and not torch.equal(out, plain)
+        # Brightness alone scales each pixel by at most 1 +- 0.15; with contrast, saturation and hue the change
+        # stays a fraction of the range, far from a new picture (uint8 0..255 is 1 / std wide after normalising).
+        assert ((out - plain) * std).abs().mean() < 0.15
+    never = build_train_transform(config, resize=(64, 32), flip_p=0.0, jitter_p=0.0)
+    assert torch.equal(never(image), plain)
 
 
 def test_random_erasing_blanks_one_rectangle_within_its_area_and_aspect_bounds() -> None:

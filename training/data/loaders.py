@@ -60,11 +60,12 @@ def build_loaders(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Lo
         world_size=world_size,
         max_batches=config.epoch_batches,
     )
+    augmentation = {"erasing_p": config.random_erasing, "jitter_p": config.color_jitter}
     if config.cache_images:
-        prepare, augment = split_train_transform(model_config, erasing_p=config.random_erasing)
+        prepare, augment = split_train_transform(model_config, **augmentation)
         train_set = ImageDataset(dataset.train, augment, prepare)
     else:
-        train_set = ImageDataset(dataset.train, build_train_transform(model_config, erasing_p=config.random_erasing))
+        train_set = ImageDataset(dataset.train, build_train_transform(model_config, **augmentation))
     train = torch.utils.data.DataLoader(
         train_set,
         batch_size=config.p * config.k,
