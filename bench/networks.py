@@ -17,7 +17,6 @@ import gc
 import logging
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from bench.common import (
     time_call,
 )
 from models import ModelConfig, build_extractor, build_mask_generator
+from models.onnx_export import export_onnx as export_graph
 
 logger = logging.getLogger("bench.networks")
 
@@ -153,20 +153,7 @@ def _export_onnx(net: str, module: nn.Module, config: ModelConfig, path: Path) -
         from training.export import export_onnx  # the project's own export, checked against PyTorch
 
         return export_onnx(module, path, config)
-    example = torch.randn(2, 3, config.input_height, config.input_width)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's warning about the input-size check
-        torch.onnx.export(
-            module,
-            (example,),
-            str(path),
-            input_names=["images"],
-            output_names=["mask"],
-            dynamic_axes={"images": {0: "batch"}, "mask": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-    return path
+    return export_graph(module, path, (config.input_height, config.input_width), "mask")
 
 
 def _onnxruntime(path_of: Callable[[], Path]) -> Callable:
