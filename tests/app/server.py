@@ -26,9 +26,10 @@ class Server:
     """``uvicorn app.main:app`` on 127.0.0.1, configured through REID_* variables as in production. Without
     ``weights`` it serves the untrained network it keeps in ``data_dir``; without ``REID_API_KEY`` in ``env`` it
     runs unauthenticated, said explicitly as the service requires. It serves ONNX Runtime in fp32 unless
-    ``REID_BACKEND`` says otherwise: ``auto`` would calibrate and time every INT8 and OpenVINO candidate at each
-    start with crops in the data folder (about 8 s here), which these tests of the gallery do not look at
-    (``auto`` has its own, tests/app/test_reduced_precision.py)."""
+    ``REID_BACKEND`` says otherwise: ``auto`` calibrates and times every INT8 and OpenVINO candidate at each
+    start with crops in the data folder (a replica's restart in test_replicas.py took 25 s with it, its first
+    start 6 s), which these tests of the gallery do not look at (``auto`` has its own,
+    tests/app/test_reduced_precision.py)."""
 
     def __init__(self, data_dir: Path, weights: Path | None, log: Path, **env: str) -> None:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("REID_")}
