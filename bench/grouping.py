@@ -1,9 +1,9 @@
 """Grouping unnamed sightings into provisional people at scale, on synthetic 512-d unit embeddings of people seen
 a few times each: the kNN graph re-grouping builds (FAISS), then ``models.clustering.constrained_groups`` over it,
 with and without must-link / cannot-link constraints; and, with ``--join-sizes``, one online join on galleries of
-those sizes.
+those sizes, for each index of ``--join-index``.
 
-    python -m bench.grouping --n 100000 --join-sizes 100000,1000000
+    python -m bench.grouping --n 100000 --join-sizes 100000,1000000 --join-index 'Flat;IVF;HNSW32'
 
 "group (sum)" is the kNN graph plus the grouping timed here (its pairs, their L2 distances and the grouping);
 "link" is all of what ``POST /people/regroup`` computes between reading the units and writing them
@@ -13,6 +13,7 @@ those sizes.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import tempfile
 import time
@@ -70,18 +71,19 @@ def adjusted_rand(truth: np.ndarray, labels: np.ndarray) -> float:
     return float(adjusted_rand_score(truth, labels))
 
 
-def online_joins(sizes: list[int], dim: int, seed: int, joins: int = 30) -> Table:
+def online_joins(sizes: list[int], factories: list[str], dim: int, seed: int, joins: int = 30) -> Table:
     """p50 of one tracklet's online join (``app.sightings.plan``: a FAISS search and indexed reads) and of the
-    whole enrolment (plan, crop, commit), on a SQLite gallery of ``n`` entries (the service's default Flat index)."""
+    whole enrolment (plan, crop, commit), on a SQLite gallery of ``n`` entries, for each index factory (the
+    service's REID_INDEX_FACTORY, with its default nprobe and efSearch)."""
     table = Table(
-        "One online join (app.sightings), SQLite, Flat index",
-        ["gallery entries", "fill s", "plan p50 ms", "plan p95 ms", "enrol p50 ms", "joins"],
+        "One online join (app.sightings), SQLite",
+        ["index", "gallery entries", "fill s", "plan p50 ms", "plan p95 ms", "enrol p50 ms", "joins"],
     )
-    rng = np.random.default_rng(seed)
-    for n in sizes:
+    for factory, n in itertools.product(factories, sizes):
+        rng = np.random.default_rng(seed)
         with tempfile.TemporaryDirectory(prefix="bench-join-") as tmp:
             engine = make_engine(f"sqlite:///{tmp}/reid.db")
-            gallery = Gallery(engine, Path(tmp) / "data", dim, "Flat", fingerprint="f" * 64, snapshot_every=10**9)
+            gallery = Gallery(engine, Path(tmp) / "data", dim, factory, fingerprint="f" * 64, snapshot_every=10**9)
             gallery.open()
             t0 = time.perf_counter()
             for start in range(0, n, 10_000):
@@ -91,7 +93,7 @@ def online_joins(sizes: list[int], dim: int, seed: int, joins: int = 30) -> Tabl
                 crops = [(f"{start + i:064x}", "crops/none.png", 32, 64) for i in range(count)]
                 gallery.add(f"person{start // 10_000}", f"c{start % 8}", {}, crops, vectors, T0)
             fill_s = time.perf_counter() - t0
-            logger.info("gallery of %d entries filled in %.0f s", n, fill_s)
+            logger.info("%s gallery of %d entries filled in %.0f s", factory, n, fill_s)
             plan_s, enrol_s = [], []
             for j in range(joins):
                 template = rng.normal(size=(1, dim)).astype(np.float32)
@@ -109,12 +111,19 @@ def online_joins(sizes: list[int], dim: int, seed: int, joins: int = 30) -> Tabl
             gallery.close()
             engine.dispose()
         table.add(
-            n, fill_s, 1e3 * percentile(plan_s, 50), 1e3 * percentile(plan_s, 95), 1e3 * percentile(enrol_s, 50), joins
+            factory,
+            n,
+            fill_s,
+            1e3 * percentile(plan_s, 50),
+            1e3 * percentile(plan_s, 95),
+            1e3 * percentile(enrol_s, 50),
+            joins,
         )
     table.notes.append(
         "Random unit 512-d entries in batches of 10,000 (one identity each), 8 cameras; each join a new random "
         "tracklet of one crop with a track id: the track lookup, one FAISS search for 20 candidates and their "
-        "conflict checks (plan), then the enrolment with its crop and commit (enrol; it runs its own plan)."
+        "conflict checks (plan), then the enrolment with its crop and commit (enrol; it runs its own plan). "
+        "fill s: the enrolment of the random entries, IVF's training and re-training as the gallery grows included."
     )
     return table
 
@@ -135,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int_list,
         default=[],
         help="also time one online join (POST /sightings' decision and commit) on galleries of these sizes",
+    )
+    parser.add_argument(
+        "--join-index",
+        type=lambda text: text.split(";"),
+        default=["Flat"],
+        help="the galleries' index factories for --join-sizes, separated by ';' (default Flat; e.g. 'Flat;IVF;HNSW32')",
     )
     add_common_args(parser)
     return parser
@@ -211,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         "Tracks: all the sightings of a share of the people as must-link groups; cannot-links: as many random "
         "pairs of sightings of two different people.",
     ]
-    tables = [table] + ([online_joins(args.join_sizes, args.dim, args.seed)] if args.join_sizes else [])
+    tables = [table] + (
+        [online_joins(args.join_sizes, args.join_index, args.dim, args.seed)] if args.join_sizes else []
+    )
     report("Grouping sightings", "bench.grouping", tables, started, results, argv)
     return 0
 

@@ -86,3 +86,14 @@ def test_sightings_bench_scores_groupings_as_the_field_does() -> None:
     assert lumped["bcubed_precision"] == (3 * 3 / 6 + 2 * 2 / 6 + 1 / 6) / 6
     alone = scores(["a", "b", "c", "d", "e", "f"], truth)  # singletons: no pair claimed
     assert alone["pair_precision"] == 1.0 and alone["pair_recall"] == 0.0 and alone["bcubed_precision"] == 1.0
+
+
+def test_grouping_bench_times_a_join_on_each_index_kind(tmp_path: Path, capsys) -> None:
+    from bench import grouping
+
+    argv = ["--n", "400", "--join-sizes", "2500", "--join-index", "Flat;IVF;HNSW8", "--no-append"]
+    assert grouping.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| 400 | link: all of re-grouping's grouping" in out
+    for factory in ("Flat", "IVF", "HNSW8"):
+        assert f"| {factory} | 2500 |" in out
