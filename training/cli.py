@@ -216,7 +216,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from models import load_weights
     from models.devices import resolve_device
     from training.data.loaders import val_loaders
-    from training.evaluation import calibrate_thresholds, evaluate_features, extract_features, pair_distances
+    from training.evaluation import (
+        calibrate_thresholds,
+        evaluate_features,
+        extract_features,
+        pair_distances,
+        rates_at,
+    )
     from training.export import THRESHOLD_FMRS
 
     device = resolve_device(args.device)
@@ -229,11 +235,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     figures = evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, rerank=args.rerank)
     genuine, impostor = pair_distances(qf, gf, q_pids, g_pids, q_camids, g_camids)
     thresholds = calibrate_thresholds(genuine, impostor, THRESHOLD_FMRS)
+    # The thresholds the weights serve, calibrated elsewhere, and the rates they really give on these pairs:
+    # whether the served default holds at this site.
+    stored = [
+        {**entry, "here": rates_at(genuine, impostor, entry["distance"])}
+        for entry in model.provenance.get("thresholds") or []
+    ]
     report = {
         "figures": {k: round(v, 2) for k, v in figures.items()},
         "thresholds": thresholds,
         "pairs": {"genuine": len(genuine), "impostor": len(impostor)},
-        "stored_thresholds": model.provenance.get("thresholds"),
+        "stored_thresholds": stored,
     }
     if args.histogram:
         from training.plots import distance_histograms

@@ -230,6 +230,16 @@ def calibrate_thresholds(
     return out
 
 
+def rates_at(genuine: np.ndarray, impostor: np.ndarray, distance: float) -> dict[str, float]:
+    """What a threshold chosen elsewhere really gives on these pairs: the share of impostor pairs (false-match
+    rate) and of genuine pairs (true-match rate) at distance <= ``distance``."""
+    genuine, impostor = np.asarray(genuine), np.asarray(impostor)
+    return {
+        "fmr": float((impostor <= distance).mean()) if len(impostor) else float("nan"),
+        "tmr": float((genuine <= distance).mean()) if len(genuine) else float("nan"),
+    }
+
+
 @torch.no_grad()
 def extract_features(
     extractor: nn.Module, loader: Iterable[Batch], device: torch.device

@@ -156,7 +156,9 @@ def test_evaluate_prints_figures_thresholds_and_draws_the_histograms(tmp_path, c
     from models import build_extractor, save_weights
 
     config = ModelConfig(backbone="resnet18", feat_dim=16, input_height=64, input_width=32, unet_base_width=4)
-    weights = save_weights(tmp_path / "w.safetensors", build_extractor(config).eval(), None, {"thresholds": []})
+    # Thresholds calibrated elsewhere: one every pair passes, one none does.
+    stored = [{"fmr": 0.01, "distance": 1e9, "tmr": 0.5}, {"fmr": 0.001, "distance": -1.0, "tmr": 0.2}]
+    weights = save_weights(tmp_path / "w.safetensors", build_extractor(config).eval(), None, {"thresholds": stored})
     png = tmp_path / "hist.png"
     argv = ["evaluate", "--weights", str(weights), "--dataset", "folder", "--root", str(manifest_root.root)]
     code = main([*argv, "--workers", "0", "--device", "cpu", "--rerank", "--histogram", str(png)])
@@ -167,7 +169,12 @@ def test_evaluate_prints_figures_thresholds_and_draws_the_histograms(tmp_path, c
     assert [t["fmr"] for t in report["thresholds"]] == [0.01, 0.001]
     # val: 8 queries (2 per id in camera 0), 6 gallery images (ids 1000-1002, 2 each in camera 1)
     assert report["pairs"] == {"genuine": 3 * 2 * 2, "impostor": 8 * 6 - 3 * 2 * 2}
-    assert report["stored_thresholds"] == [] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # What the stored thresholds really give here, beside what they were calibrated to give.
+    assert report["stored_thresholds"] == [
+        {**stored[0], "here": {"fmr": 1.0, "tmr": 1.0}},
+        {**stored[1], "here": {"fmr": 0.0, "tmr": 0.0}},
+    ]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_config_round_trips_with_its_nested_model_and_reads_the_flat_layout_of_older_runs() -> None:

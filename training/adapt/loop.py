@@ -33,7 +33,13 @@ from training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from training.data.base import ImageDataset, Sample
 from training.engine.networks import running_stats_kept
 from training.engine.precision import autocast
-from training.evaluation import calibrate_thresholds, evaluate_features, extract_features, pair_distances
+from training.evaluation import (
+    calibrate_thresholds,
+    evaluate_features,
+    extract_features,
+    pair_distances,
+    rates_at,
+)
 from training.export import THRESHOLD_FMRS, fmr_curve
 from training.samplers import RandomIdentitySampler
 from training.transforms import split_train_transform
@@ -236,14 +242,14 @@ def _threshold_check(
     camids: np.ndarray,
 ) -> list[dict[str, Any]]:
     """--eval: the false-match rate each candidate default threshold really gives on the site."""
-    _, impostor = pair_distances(features, features, np.asarray(pids), np.asarray(pids), camids, camids)
+    genuine, impostor = pair_distances(features, features, np.asarray(pids), np.asarray(pids), camids, camids)
     candidates = [("pseudo-identities", pseudo["thresholds"])]
     candidates.append(
         (f"source ({source_provenance.get('threshold_split', '?')})", source_provenance.get("thresholds", []))
     )
     return [
         {"candidate": name, "target_fmr": entry["fmr"], "distance": entry["distance"],
-         "site_fmr": float((impostor <= entry["distance"]).mean())}
+         "site_fmr": rates_at(genuine, impostor, entry["distance"])["fmr"]}
         for name, thresholds in candidates
         for entry in thresholds
     ]  # fmt: skip
