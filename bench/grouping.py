@@ -3,7 +3,7 @@ a few times each: the kNN graph re-grouping builds (FAISS), then ``models.cluste
 with and without must-link / cannot-link constraints; and, with ``--join-sizes``, one online join on galleries of
 those sizes, for each index of ``--join-index``.
 
-    python -m bench.grouping --n 100000 --join-sizes 100000,1000000 --join-index 'Flat;IVF;HNSW32'
+    python -m bench.grouping --n 100000 --join-sizes 100000,1000000 --join-index 'Flat;IVF1024;HNSW32'
 
 "group (sum)" is the kNN graph plus the grouping timed here (its pairs, their L2 distances and the grouping);
 "link" is all of what ``POST /people/regroup`` computes between reading the units and writing them
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--join-index",
         type=lambda text: text.split(";"),
         default=["Flat"],
-        help="the galleries' index factories for --join-sizes, separated by ';' (default Flat; e.g. 'Flat;IVF;HNSW32')",
+        help="the --join-sizes galleries' index factories, ';' between (default Flat; e.g. 'Flat;IVF1024;HNSW32')",
     )
     add_common_args(parser)
     return parser
