@@ -13,12 +13,14 @@ import io
 import itertools
 import os
 import random
+import warnings
 
 import numpy as np
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
+from hypothesis.errors import FlakyStrategyDefinition
 from PIL import Image
 from schemathesis.specs.openapi.checks import ensure_resource_availability
 from sqlalchemy import delete
@@ -195,20 +197,32 @@ def test_stateful_sequences_answer_as_documented(api_schema: schemathesis.BaseSc
                 recorder=self.recorder,
             )  # fmt: skip
 
-    seed(FUZZ_SEED)(Sequences)
-    try:
-        Sequences.run(
-            settings=settings(
-                max_examples=STATEFUL_EXAMPLES,
-                stateful_step_count=6,
-                deadline=None,
-                database=None,
-                suppress_health_check=list(HealthCheck),
+    def run(fuzz_seed: int) -> None:
+        seed(fuzz_seed)(Sequences)
+        try:
+            Sequences.run(
+                settings=settings(
+                    max_examples=STATEFUL_EXAMPLES,
+                    stateful_step_count=6,
+                    deadline=None,
+                    database=None,
+                    suppress_health_check=list(HealthCheck),
+                )
             )
+        except BaseException as exc:
+            exc.add_note(f"replay these sequences with REID_FUZZ_SEED={fuzz_seed}")
+            raise
+
+    try:
+        run(FUZZ_SEED)
+    except FlakyStrategyDefinition as exc:
+        # Hypothesis could not replay a sequence: the live service answered it differently the second time (its
+        # ids and background threads are state that setup() cannot rewind). schemathesis' own runner retries
+        # such a suite; so does this test, once, from the next seed. A failed check is never retried.
+        warnings.warn(
+            f"REID_FUZZ_SEED={FUZZ_SEED}: a sequence could not be replayed ({exc}); ran the next seed", stacklevel=1
         )
-    except BaseException as exc:
-        exc.add_note(f"replay these sequences with REID_FUZZ_SEED={FUZZ_SEED}")
-        raise
+        run(FUZZ_SEED + 1)
     # The links were followed: an entry just enrolled was read or deleted through them.
     linked = {(m, p) for m, p, status in answered if status == 200 and "{entry_id}" in p}
     assert linked, f"no sequence reached an enrolled entry (REID_FUZZ_SEED={FUZZ_SEED}): {sorted(answered)}"
