@@ -241,3 +241,53 @@ def test_masks_hide_the_salient_pixels_of_a_second_view_and_need_a_mask_generato
     assert not differ(trained, runs[1].extractor.state_dict())  # and the run is still fixed by its seed
     assert not differ(runs[0].mask_generator.state_dict(), generator.state_dict())  # the generator is only read
     assert runs[0].provenance["adaptation"]["settings"]["mask_weight"] == 0.5
+
+
+def test_a_mean_teacher_clusters_is_saved_and_resumes(tmp_path: Path, tiny_weights: Path, monkeypatch) -> None:
+    from training.adapt import loop
+
+    site = make_site(tmp_path / "site")
+    with pytest.raises(ValueError, match=r"--teacher-decay must be in \[0, 1\)"):
+        adapt(tiny_config(tiny_weights, site, tmp_path / "refused", teacher_decay=1.0))
+    whole = adapt(tiny_config(tiny_weights, site, tmp_path / "whole", rounds=3, teacher_decay=0.5))
+    checkpoint = torch.load(tmp_path / "whole" / loop.CHECKPOINT, weights_only=True)
+    saved = load_weights(whole).extractor.state_dict()
+    student, teacher = checkpoint["extractor"], checkpoint["teacher"]
+    weights = [k for k, v in student.items() if v.is_floating_point() and "running" not in k]
+    # What is saved is the teacher: the average of the steps' weights, not the last step's.
+    assert all(torch.equal(saved[k], teacher[f"module.{k}"]) for k in weights)
+    assert any(not torch.equal(saved[k], student[k]) for k in weights)
+    plain = load_weights(adapt(tiny_config(tiny_weights, site, tmp_path / "plain", rounds=3))).extractor.state_dict()
+    assert any(not torch.equal(saved[k], plain[k]) for k in weights)
+    assert load_weights(whole).provenance["adaptation"]["settings"]["teacher_decay"] == 0.5
+
+    real = loop._train_round
+
+    def stop_in_round_2(*args, **kwargs):
+        if args[-1] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_round", stop_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        adapt(tiny_config(tiny_weights, site, tmp_path / "resumed", rounds=3, teacher_decay=0.5))
+    monkeypatch.setattr(loop, "_train_round", real)
+    resumed = adapt(tiny_config(tiny_weights, site, tmp_path / "resumed", rounds=3, teacher_decay=0.5))
+    with safe_open(whole, "pt") as a, safe_open(resumed, "pt") as b:
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in list(a.keys()))
+
+
+def test_channels_last_changes_the_memory_format_not_the_method(tmp_path: Path, tiny_weights: Path) -> None:
+    site = make_site(tmp_path / "site")
+    contiguous = adapt(tiny_config(tiny_weights, site, tmp_path / "contiguous"))
+    channels_last = adapt(tiny_config(tiny_weights, site, tmp_path / "channels_last", channels_last=True))
+    a, b = load_weights(contiguous), load_weights(channels_last)
+    reports = [json.loads((tmp_path / run / "adapt.json").read_text()) for run in ("contiguous", "channels_last")]
+    # Other kernels, so not bit-identical; but the same clusters each round, and the same templates to rounding.
+    assert [r["clusters"] for r in reports[0]["rounds"]] == [r["clusters"] for r in reports[1]["rounds"]]
+    crops = torch.rand(8, 3, TINY.input_height, TINY.input_width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        similarity = torch.nn.functional.cosine_similarity(a.extractor.eval()(crops), b.extractor.eval()(crops))
+    assert similarity.min() > 0.999
+    assert "channels_last" not in b.provenance["adaptation"]["settings"]  # how it ran, not what it learnt
+    assert all(set(r["phases"]) == {"templates", "clustering", "steps"} for r in reports[1]["rounds"])

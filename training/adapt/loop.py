@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from models import MaskGenerator, build_eval_transform, hide_top, load_weights, save_weights
 from models.clustering import camera_centred
@@ -75,10 +76,15 @@ class AdaptConfig:
     # mask generator's top ``mask_ratio`` pixels hidden, as stage 3 does (the paper's 1 - lambda1 is 0.1). Off by
     # default, as measured (docs/TRAINING.md, "Adapting to a site": the masks).
     mask_weight: float = 0.0
+    # A mean teacher (Tarvainen & Valpola 2017, as MMT uses one for re-ID): an exponential moving average of the
+    # trained weights, with this decay per step, gives the templates each round clusters and is what is saved;
+    # 0: none. 0.99 averages about the last 100 steps, one round of the defaults.
+    teacher_decay: float = 0.0
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     amp: str = "none"  # or bf16 (CPUs with AMX / AVX-512 bf16, or CUDA)
     seed: int = 0
     device: str = "cpu"
+    channels_last: bool = False  # the networks and crops in channels_last memory format (oneDNN's fast path)
     workers: int = 0
     threshold_from: str = "source"  # the default threshold: the source's calibration, or "pseudo" (see below)
     eval: bool = False  # score each round with the manifest's pid column (never trained on)
@@ -87,7 +93,7 @@ class AdaptConfig:
     def settings(self) -> dict[str, Any]:
         """What decides the weights (the method's settings): recorded in them, and a resume must match."""
         out = dataclasses.asdict(self)
-        for key in ("weights", "site", "out", "device", "workers", "eval", "query_camid"):
+        for key in ("weights", "site", "out", "device", "channels_last", "workers", "eval", "query_camid"):
             out.pop(key)
         return out
 
@@ -99,6 +105,7 @@ class Round:
     loss: float
     seconds: float
     figures: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: templates, clustering, steps
 
 
 def _freeze(extractor: FeatureExtractor, blocks: int, adapt_bn: bool) -> None:
@@ -161,6 +168,10 @@ def adapt(config: AdaptConfig, progress: Callable[[Iterable, str, int], Iterable
     source = load_weights(config.weights, device)
     source_fingerprint = source.fingerprint  # now: the extractor below is trained in place
     extractor = source.extractor
+    if config.channels_last:
+        extractor.to(memory_format=torch.channels_last)
+        if source.mask_generator is not None:
+            source.mask_generator.to(memory_format=torch.channels_last)
     site = read_site(config.site)
     camids = np.array([c.camid for c in site.crops])
     site_sha = site.sha256()
@@ -188,23 +199,41 @@ def adapt(config: AdaptConfig, progress: Callable[[Iterable, str, int], Iterable
     _freeze(extractor, config.freeze_blocks, config.adapt_bn)
     params = [p for p in extractor.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if not 0 <= config.teacher_decay < 1:
+        raise ValueError(f"--teacher-decay must be in [0, 1), not {config.teacher_decay}")
+    teacher = (
+        AveragedModel(extractor, multi_avg_fn=get_ema_multi_avg_fn(config.teacher_decay), use_buffers=True)
+        if config.teacher_decay > 0
+        else None
+    )
+    served = teacher.module if teacher is not None else extractor  # what clusters and what is saved
 
     history: list[Round] = []
-    start = _resume(out / CHECKPOINT, config, site_sha, extractor, optimizer, history)
+    start = _resume(out / CHECKPOINT, config, site_sha, extractor, teacher, optimizer, history)
     for index in progress(range(start, config.rounds), "adapting", config.rounds - start):
         round_began = time.monotonic()
-        features = extract_features(extractor, eval_loader, device)[0]
+        features = _templates(served, eval_loader, config, device)
         figures = site_figures(features, site, pids, config.query_camid) if pids is not None else {}
+        templates_done = time.monotonic()
         labels = pseudo_labels(features.numpy(), camids, config.cluster)
         summary = cluster_summary(labels, camids)
+        clustering_done = time.monotonic()
         loss = _train_round(
-            config, extractor, source.mask_generator, optimizer, train_set, features, labels, camids, device, index
+            config, extractor, teacher, source.mask_generator, optimizer, train_set, features, labels, camids, device,
+            index,
+        )  # fmt: skip
+        phases = {
+            "templates": templates_done - round_began,
+            "clustering": clustering_done - templates_done,
+            "steps": time.monotonic() - clustering_done,
+        }
+        history.append(Round(index, summary, loss, time.monotonic() - round_began, figures, phases))
+        logger.info(
+            "round %d: %s, loss %.3f%s; %s", index, _words(summary), loss, _figure_words(figures), _phase_words(phases)
         )
-        history.append(Round(index, summary, loss, time.monotonic() - round_began, figures))
-        logger.info("round %d: %s, loss %.3f%s", index, _words(summary), loss, _figure_words(figures))
-        _checkpoint(out / CHECKPOINT, config, site_sha, extractor, optimizer, history)
+        _checkpoint(out / CHECKPOINT, config, site_sha, extractor, teacher, optimizer, history)
 
-    features = extract_features(extractor, eval_loader, device)[0]
+    features = _templates(served, eval_loader, config, device)
     labels = pseudo_labels(features.numpy(), camids, config.cluster)
     calibration = pseudo_calibration(features, labels, camids)
     provenance = {
@@ -222,7 +251,7 @@ def adapt(config: AdaptConfig, progress: Callable[[Iterable, str, int], Iterable
             "pseudo_calibration": calibration,
         },
     }
-    path = save_weights(out / "model.safetensors", extractor.eval(), source.mask_generator, provenance)
+    path = save_weights(out / "model.safetensors", served.eval(), source.mask_generator, provenance)
     report: dict[str, Any] = {"rounds": [dataclasses.asdict(r) for r in history], "seconds": time.monotonic() - began}
     if pids is not None:
         report["final"] = site_figures(features, site, pids, config.query_camid)
@@ -258,6 +287,7 @@ def _threshold_check(
 def _train_round(
     config: AdaptConfig,
     extractor: FeatureExtractor,
+    teacher: AveragedModel | None,
     mask_generator: MaskGenerator | None,
     optimizer: torch.optim.Optimizer,
     train_set: ImageDataset,
@@ -291,7 +321,7 @@ def _train_round(
         epoch += 1
         for images, _pid, _camid, rows in loader:
             batch_y, batch_cam = y[rows].to(device), cams[rows].to(device)
-            images = images.to(device)
+            images = _to(images, config, device)
             f = _features(extractor, images, config, device)
             loss = _site_loss(f, batch_y, batch_cam, memory, proxies, config)
             if config.mask_weight > 0:
@@ -305,6 +335,8 @@ def _train_round(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if teacher is not None:
+                teacher.update_parameters(extractor)
             memory.update(f.detach().cpu(), batch_y.cpu())
             if proxies is not None:
                 proxies.update(f.detach().cpu(), batch_y.cpu(), batch_cam.cpu())
@@ -312,6 +344,19 @@ def _train_round(
             if len(losses) == config.steps:
                 break
     return float(np.mean(losses))
+
+
+def _to(images: torch.Tensor, config: AdaptConfig, device: torch.device) -> torch.Tensor:
+    images = images.to(device)
+    return images.contiguous(memory_format=torch.channels_last) if config.channels_last else images
+
+
+def _templates(
+    extractor: FeatureExtractor, loader: torch.utils.data.DataLoader, config: AdaptConfig, device: torch.device
+) -> torch.Tensor:
+    """The site's templates under the current weights (the served forward, float32)."""
+    batches = ((_to(images, config, device), *rest) for images, *rest in loader)
+    return extract_features(extractor, batches, device)[0]
 
 
 def _features(extractor: FeatureExtractor, images: torch.Tensor, config: AdaptConfig, device: torch.device):
@@ -336,15 +381,16 @@ def _site_loss(
     return loss
 
 
-def _checkpoint(path, config, site_sha, extractor, optimizer, history) -> None:
+def _checkpoint(path, config, site_sha, extractor, teacher, optimizer, history) -> None:
     save_checkpoint(path, {
         "settings": json.dumps(config.settings(), sort_keys=True), "site_sha256": site_sha,
         "weights": str(config.weights), "extractor": extractor.state_dict(), "optimizer": optimizer.state_dict(),
         "rng": rng_state(), "history": json.dumps([dataclasses.asdict(r) for r in history]),
+        **({"teacher": teacher.state_dict()} if teacher is not None else {}),
     })  # fmt: skip
 
 
-def _resume(path, config, site_sha, extractor, optimizer, history) -> int:
+def _resume(path, config, site_sha, extractor, teacher, optimizer, history) -> int:
     """The round to start from: 0, or the one after the checkpoint's when it is this run's."""
     if not path.is_file():
         return 0
@@ -354,6 +400,8 @@ def _resume(path, config, site_sha, extractor, optimizer, history) -> int:
             f"{path} is another adaptation's (other settings or other crops): pass another --out, or delete it"
         )
     extractor.load_state_dict(state["extractor"])
+    if teacher is not None:
+        teacher.load_state_dict(state["teacher"])
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     history.extend(Round(**r) for r in json.loads(state["history"]))
@@ -366,6 +414,10 @@ def _words(summary: dict[str, float]) -> str:
         f"{summary['clusters']:.0f} clusters ({summary['clustered']:.0%} of crops, mean size "
         f"{summary['mean_size']:.1f}, {summary['cross_camera']:.0%} across cameras)"
     )
+
+
+def _phase_words(phases: dict[str, float]) -> str:
+    return ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.items())
 
 
 def _figure_words(figures: dict[str, float]) -> str:
