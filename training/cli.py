@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from models import ModelConfig
+from training.allocator import allocator_advice
 from training.config import RECIPES, TrainConfig, recipe_config
 
 logger = logging.getLogger("training")
@@ -102,7 +103,7 @@ def _add_adapt_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--teacher-decay", type=float, default=d.teacher_decay,
-        help="a mean teacher: EMA of the weights with this decay per step clusters and is saved (e.g. 0.99); 0: none",
+        help="mean teacher: an EMA of the weights (this decay a step) clusters, and is saved (default %(default)s)",
     )  # fmt: skip
     p.add_argument("--k1", type=int, default=c.k1, help="Jaccard distance's k1 (default %(default)s)")
     p.add_argument("--k2", type=int, default=c.k2, help="Jaccard distance's k2 (default %(default)s)")
@@ -344,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
     commands = {"fit": cmd_fit, "evaluate": cmd_evaluate, "export": cmd_export, "adapt": cmd_adapt, "demo": cmd_demo}
+    if args.command in ("fit", "adapt"):
+        advice = allocator_advice(on_gpu=args.device != "cpu" and torch.cuda.is_available())
+        if advice:
+            logger.info(advice)
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from models import ModelConfig
 from tests.training.test_engine import SMALL, BlobIds, _pk_batches
+from training.allocator import allocator_advice
 from training.cli import build_parser, config_from_args, main
 from training.config import TrainConfig
 from training.engine import Loaders, fit
@@ -186,3 +187,12 @@ def test_config_round_trips_with_its_nested_model_and_reads_the_flat_layout_of_o
     assert migrated.epochs == (1, 2, 3)
     with pytest.raises(ValueError, match=r"unknown training settings \['mystery'\]"):
         TrainConfig.from_dict({**older, "mystery": 1})
+
+
+def test_cpu_training_under_glibcs_malloc_is_told_about_jemalloc() -> None:
+    glibc = "7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+    jemalloc = "7f02-7f03 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n"
+    advice = allocator_advice(glibc)
+    assert advice is not None and "LD_PRELOAD=" in advice and "libjemalloc" in advice
+    assert allocator_advice(glibc + jemalloc) is None
+    assert allocator_advice(glibc, on_gpu=True) is None

@@ -101,12 +101,16 @@ def test_a_short_adaptation_to_part_of_a_new_site_gains_over_its_source(tmp_path
     extractor = build_extractor(config)
     extractor.load_imagenet(WEIGHTS)
     source = save_weights(tmp_path / "source.safetensors", extractor.eval(), None, {"recipe": "imagenet"})
+    # Without the mean teacher: it pays over whole runs (docs/TRAINING.md), but in these 60 steps it lags the
+    # weights it averages. Measured on a 2-core AVX-512 EPYC: mAP 13.8 -> 18.3 without it, -> 15.8 with a decay of
+    # 0.95 (one round's steps, as the default's 0.99 is of 100), too near the bar below on slower kernels.
     adapt(AdaptConfig(str(source), str(site), str(tmp_path / "run"), rounds=3, steps=20, freeze_blocks=7,
-                      eval=True, device="cpu"))  # fmt: skip
+                      teacher_decay=0.0, eval=True, device="cpu"))  # fmt: skip
     report = json.loads((tmp_path / "run" / "adapt.json").read_text())
     before, after = report["rounds"][0]["figures"], report["final"]
     # Measured (seed 0): a 2-core Xeon, mAP 13.8 -> 18.1 and rank-1 10.4 -> 13.8 (16.1 and 14.2 with
-    # --no-adapt-bn); a 2-core EPYC without AVX-512, mAP 13.8 -> 16.5 and rank-1 10.4 -> 10.8. Rank-1 over 120
-    # queries moves in steps of 0.83 and swings with the CPU's sums, so it must only not fall; mAP carries the gain.
+    # --no-adapt-bn); a 2-core EPYC without AVX-512, mAP 13.8 -> 16.5 and rank-1 10.4 -> 10.8; one with it, mAP
+    # 13.8 -> 18.3 and rank-1 10.4 -> 14.2. Rank-1 over 120 queries moves in steps of 0.83 and swings with the
+    # CPU's sums, so it must only not fall; mAP carries the gain.
     assert after["mAP"] > before["mAP"] + 1.0, (before, after)
     assert after["rank1"] >= before["rank1"], (before, after)
