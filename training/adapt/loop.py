@@ -1,8 +1,9 @@
 """``python -m training adapt``: a weights file and a site's unlabeled crops to weights adapted to that site.
 
-Each round: the site's templates under the current weights, pseudo-identities from them (``pseudo_labels``), a
-cluster memory and camera proxies over those (``memory``), then ``steps`` P x K steps on the crops in clusters
-(the left-out ones wait for a later round). The round's checkpoint makes a stopped run resume where it was; a
+Each round: the site's templates under the mean teacher (an average of the trained weights; without one, the
+trained weights themselves), pseudo-identities from them (``pseudo_labels``), a cluster memory and camera proxies
+over those (``memory``), then ``steps`` P x K steps on the crops in clusters (the left-out ones wait for a later
+round); the teacher is what is saved. The round's checkpoint makes a stopped run resume where it was; a
 seed fixes everything, so the same crops give the same weights. The weights record where they come from: the
 source's fingerprint, the crop list's hash, the method and its settings; and their threshold, estimated from the
 last round's pseudo-identities, says so (``threshold_split``)."""
