@@ -4,7 +4,8 @@
 - ``camera_centred``: each camera's mean template taken out, before either grouping.
 - ``jaccard_distance`` + ``dbscan``: pseudo-labels for unsupervised domain adaptation, as SpCL / Cluster Contrast
   make them: the k-reciprocal Jaccard distance of Zhong et al. (CVPR 2017), then DBSCAN on it; ``jaccard_pairs``:
-  the same distances on a kNN graph found elsewhere (the service's FAISS).
+  the same distances on a kNN graph found elsewhere (the service's FAISS); ``cluster_overlap``: how far two
+  clusterings of the same items agree, per item (SpCL's reliability criterion).
 - ``constrained_groups`` + ``group_sightings``: the service's provisional people: single-linkage over a kNN graph
   up to a distance threshold, with must-link (one track) and cannot-link (two overlapping tracks) constraints.
 
@@ -250,6 +251,24 @@ def dbscan(distances: np.ndarray | sp.spmatrix, eps: float, min_samples: int = 4
         raise ValueError(f"DBSCAN needs a square distance matrix, got shape {distances.shape}")
     labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(distances)
     return labels.astype(np.int64)
+
+
+def cluster_overlap(labels: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """(N,) float64: for each item, the intersection over union of its cluster in ``labels`` and its cluster in
+    ``other``, two clusterings of the same items (noise, -1, is the item alone). SpCL's reliability of a cluster:
+    against a tighter eps it says how compact the cluster is, against a looser one how independent."""
+    a, b = _noise_alone(np.asarray(labels)), _noise_alone(np.asarray(other))
+    a_ids, b_ids = (np.unique(x, return_inverse=True)[1].ravel() for x in (a, b))
+    joint_ids = np.unique(a_ids * (int(b_ids.max(initial=0)) + 1) + b_ids, return_inverse=True)[1].ravel()
+    size_a, size_b, joint = (np.bincount(ids)[ids] for ids in (a_ids, b_ids, joint_ids))
+    return joint / (size_a + size_b - joint)
+
+
+def _noise_alone(labels: np.ndarray) -> np.ndarray:
+    out = labels.astype(np.int64, copy=True)
+    noise = out < 0
+    out[noise] = out.max(initial=-1) + 1 + np.arange(int(noise.sum()))
+    return out
 
 
 # -- constrained grouping (the service) ------------------------------------------------------------------------

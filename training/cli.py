@@ -114,6 +114,15 @@ def _add_adapt_args(p: argparse.ArgumentParser) -> None:
         help="cluster with each camera's mean template taken out",
     )  # fmt: skip
     p.add_argument(
+        "--reliability-delta", type=float, default=c.reliability_delta,
+        help="SpCL's reliability criterion: trust clusters that stay themselves at eps -/+ this (0: off; default "
+        "%(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--independence-quantile", type=float, default=c.independence_quantile,
+        help="SpCL's: the first round's share of clusters independent enough (default %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
         "--threshold-from", choices=("source", "pseudo"), default=d.threshold_from,
         help="the served default threshold: the source's calibration (default) or one from the pseudo-identities",
     )  # fmt: skip
@@ -288,7 +297,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         lr=args.lr, freeze_blocks=args.freeze_blocks, adapt_bn=args.adapt_bn, random_erasing=args.random_erasing,
         temperature=args.temperature, momentum=args.momentum, proxy_weight=args.proxy_weight,
         mask_weight=args.mask_weight, teacher_decay=args.teacher_decay,
-        cluster=ClusterSettings(args.k1, args.k2, args.eps, args.min_samples, args.camera_centring), amp=args.amp,
+        cluster=ClusterSettings(
+            args.k1, args.k2, args.eps, args.min_samples, args.camera_centring, args.reliability_delta,
+            args.independence_quantile,
+        ), amp=args.amp,
         seed=args.seed, threshold_from=args.threshold_from, device=str(resolve_device(args.device)),
         channels_last=args.channels_last, workers=args.workers, eval=args.eval,
         query_camid=args.query_camid,

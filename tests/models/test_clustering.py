@@ -10,6 +10,7 @@ import torch
 
 from models.clustering import (
     camera_centred,
+    cluster_overlap,
     constrained_groups,
     dbscan,
     group_sightings,
@@ -145,6 +146,17 @@ def test_dbscan_eps_is_the_largest_distance_of_neighbours(sparse: bool) -> None:
 def test_sparse_missing_pairs_are_not_neighbours_whatever_eps() -> None:
     d = sp.csr_matrix(np.array([[0.0, 0.2, 0.0], [0.2, 0.0, 0.0], [0.0, 0.0, 0.0]]))  # 2 joins nobody
     assert dbscan(d, eps=5.0, min_samples=2).tolist() == [0, 0, -1]
+
+
+def test_cluster_overlap_is_each_items_intersection_over_union() -> None:
+    labels = np.array([0, 0, 0, 1, 1, -1, -1])
+    other = np.array([5, 5, 7, 7, 7, -1, 5])  # other numbers, the same kind of clustering
+    # 0: {0,1,2} vs {0,1,6} -> 2/4; 2: {0,1,2} vs {2,3,4} -> 1/5; 3: {3,4} vs {2,3,4} -> 2/3;
+    # 5: alone in both -> 1; 6: alone vs {0,1,6} -> 1/3
+    expected = [2 / 4, 2 / 4, 1 / 5, 2 / 3, 2 / 3, 1.0, 1 / 3]
+    assert np.allclose(cluster_overlap(labels, other), expected)
+    assert np.allclose(cluster_overlap(labels, labels), 1.0)
+    assert np.allclose(cluster_overlap(other, labels), expected)  # symmetric
 
 
 # -- constrained grouping: the service ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ command itself: it runs, resumes, never reads identities, and records where its 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -15,10 +16,11 @@ from PIL import Image
 from safetensors import safe_open
 
 from models import ModelConfig, build_extractor, load_weights, save_weights
-from models.clustering import camera_centred
+from models.clustering import camera_centred, dbscan
 from training.adapt import AdaptConfig, ClusterSettings, adapt, pseudo_labels, read_site
 from training.adapt.loop import default_calibration
 from training.adapt.memory import CameraProxies, ClusterMemory
+from training.adapt.pseudo_labels import reliable
 from training.cli import main
 
 TINY = ModelConfig(backbone="resnet18", feat_dim=16, input_height=64, input_width=32, unet_base_width=4)
@@ -55,14 +57,39 @@ def pair_scores(labels: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
 def test_pseudo_labels_recover_people_that_cameras_shift_apart() -> None:
     x, pids, cams = people_features(people=60, per_camera=2, cameras=2, shift=1.2)
     settings = ClusterSettings(k1=6, k2=3, eps=0.6, min_samples=2, camera_centring=True)
-    precision, recall = pair_scores(pseudo_labels(x, cams, settings), pids)
+    precision, recall = pair_scores(pseudo_labels(x, cams, settings)[0], pids)
     assert precision > 0.95 and recall > 0.9, (precision, recall)
     # Without the centring each camera's offset outweighs who a crop shows: clusters stay within one camera.
-    labels = pseudo_labels(x, cams, ClusterSettings(k1=6, k2=3, eps=0.6, min_samples=2, camera_centring=False))
+    labels, _ = pseudo_labels(x, cams, ClusterSettings(k1=6, k2=3, eps=0.6, min_samples=2, camera_centring=False))
     crossing = [len(np.unique(cams[labels == c])) > 1 for c in np.unique(labels[labels >= 0])]
     assert not any(crossing)
     centred = camera_centred(x, cams)
     assert np.allclose(np.linalg.norm(centred, axis=1), 1.0, atol=1e-5)
+
+
+def spcl_distances() -> np.ndarray:
+    """10 crops: {0,1,2} tight; {3,4,5} whose 5 joins only at eps 0.5; {6,7} and {8,9}, which merge at 0.6."""
+    d = np.ones((10, 10))
+    for a, b, distance in [(0, 1, 0.1), (0, 2, 0.1), (1, 2, 0.1), (3, 4, 0.1), (4, 5, 0.45), (6, 7, 0.1),
+                           (8, 9, 0.1), (7, 8, 0.55)]:  # fmt: skip
+        d[a, b] = d[b, a] = distance
+    np.fill_diagonal(d, 0.0)
+    return d
+
+
+def test_spcl_reliability_keeps_compact_and_independent_clusters() -> None:
+    d = spcl_distances()
+    settings = ClusterSettings(eps=0.5, min_samples=2, reliability_delta=0.1, independence_quantile=0.25)
+    labels = dbscan(d, settings.eps, settings.min_samples)
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+    # First round: the bar is the quantile of 1 - IoU with eps 0.6's clusters: [0, 0, 0.5, 0.5] -> 0 at 0.25.
+    # {6,7} and {8,9} merge there, so they are not independent; 5 falls off at eps 0.4, so it is not compact.
+    kept, bar = reliable(d, labels, settings, None)
+    assert bar == 0.0 and kept.tolist() == [0, 0, 0, 1, 1, -1, -1, -1, -1, -1]
+    # Later rounds keep the first round's bar: a higher one lets the merging pairs in.
+    kept, bar = reliable(d, labels, settings, 0.5)
+    assert bar == 0.5 and kept.tolist() == [0, 0, 0, 1, 1, -1, 2, 2, 3, 3]
+    assert reliable(d, labels, dataclasses.replace(settings, independence_quantile=0.9), None)[1] == 0.5
 
 
 def test_memories_have_the_right_shapes_and_pull_towards_the_own_cluster() -> None:
@@ -121,6 +148,24 @@ def tiny_config(weights: Path, site: Path, out: Path, **overrides) -> AdaptConfi
     return AdaptConfig(str(weights), str(site), str(out), **{**settings, **overrides})
 
 
+def stopped_then_resumed(monkeypatch, config: AdaptConfig) -> Path:
+    """Run ``config`` as if stopped when round 2 starts training, then run it again: the resumed weights."""
+    from training.adapt import loop
+
+    real = loop._train_round
+
+    def stop_in_round_2(*args, **kwargs):
+        if args[-1] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_round", stop_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        adapt(config)
+    monkeypatch.setattr(loop, "_train_round", real)
+    return adapt(config)
+
+
 def test_adapt_never_reads_identities_and_records_its_provenance(tmp_path: Path, tiny_weights: Path) -> None:
     site = make_site(tmp_path / "site")
     first = adapt(tiny_config(tiny_weights, site, tmp_path / "a"))
@@ -172,6 +217,25 @@ def test_adapt_resumes_where_it_stopped(tmp_path: Path, tiny_weights: Path, monk
     assert [r["index"] for r in report["rounds"]] == [0, 1, 2]
     with pytest.raises(ValueError, match="another adaptation's"):
         adapt(tiny_config(tiny_weights, site, tmp_path / "resumed", rounds=3, lr=1e-3))
+
+
+def test_the_reliability_bar_of_the_first_round_holds_through_a_resume(
+    tmp_path: Path, tiny_weights: Path, monkeypatch
+) -> None:
+    site = make_site(tmp_path / "site")
+    cluster = ClusterSettings(k1=4, k2=2, eps=0.7, min_samples=2, reliability_delta=0.05, independence_quantile=0.5)
+    whole = adapt(tiny_config(tiny_weights, site, tmp_path / "whole", rounds=3, cluster=cluster))
+    rounds = json.loads((tmp_path / "whole" / "adapt.json").read_text())["rounds"]
+    bars = {r["clusters"]["independence_bar"] for r in rounds}
+    assert len(bars) == 1 and all(np.isfinite(r["loss"]) for r in rounds)  # one bar; every round trained
+    config = tiny_config(tiny_weights, site, tmp_path / "resumed", rounds=3, cluster=cluster)
+    resumed = stopped_then_resumed(monkeypatch, config)
+    with safe_open(whole, "pt") as a, safe_open(resumed, "pt") as b:
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in list(a.keys()))
+    recorded = load_weights(whole).provenance["adaptation"]["settings"]["cluster"]
+    assert recorded["reliability_delta"] == 0.05 and recorded["independence_quantile"] == 0.5
+    with pytest.raises(ValueError, match="--reliability-delta must be >= 0"):
+        adapt(tiny_config(tiny_weights, site, tmp_path / "bad", cluster=ClusterSettings(reliability_delta=-0.1)))
 
 
 def test_the_command_adapts_a_folder_and_evaluates_a_manifest(tmp_path: Path, tiny_weights: Path, capsys) -> None:
@@ -262,18 +326,9 @@ def test_a_mean_teacher_clusters_is_saved_and_resumes(tmp_path: Path, tiny_weigh
     assert any(not torch.equal(saved[k], plain[k]) for k in weights)
     assert load_weights(whole).provenance["adaptation"]["settings"]["teacher_decay"] == 0.5
 
-    real = loop._train_round
-
-    def stop_in_round_2(*args, **kwargs):
-        if args[-1] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "_train_round", stop_in_round_2)
-    with pytest.raises(KeyboardInterrupt):
-        adapt(tiny_config(tiny_weights, site, tmp_path / "resumed", rounds=3, teacher_decay=0.5))
-    monkeypatch.setattr(loop, "_train_round", real)
-    resumed = adapt(tiny_config(tiny_weights, site, tmp_path / "resumed", rounds=3, teacher_decay=0.5))
+    resumed = stopped_then_resumed(
+        monkeypatch, tiny_config(tiny_weights, site, tmp_path / "resumed", rounds=3, teacher_decay=0.5)
+    )
     with safe_open(whole, "pt") as a, safe_open(resumed, "pt") as b:
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in list(a.keys()))
 

@@ -185,6 +185,11 @@ def adapt(config: AdaptConfig, progress: Callable[[Iterable, str, int], Iterable
             f"--mask-weight {config.mask_weight} needs a trained mask generator, and {config.weights} has none: "
             "adapt from weights of a run that trained stage 2 (the paper's recipe, or --stages 1,2 and more)"
         )
+    if config.cluster.reliability_delta < 0 or not 0 < config.cluster.independence_quantile <= 1:
+        raise ValueError(
+            "--reliability-delta must be >= 0 and --independence-quantile in (0, 1], not "
+            f"{config.cluster.reliability_delta} and {config.cluster.independence_quantile}"
+        )
     if config.eval and pids is None:
         raise ValueError(f"--eval needs a manifest with a pid column under {config.site}")
     logger.info("site %s: %d crops, %d cameras (%s)", site.root, len(site.crops), len(site.cameras), site_sha[:12])
@@ -212,13 +217,15 @@ def adapt(config: AdaptConfig, progress: Callable[[Iterable, str, int], Iterable
 
     history: list[Round] = []
     start = _resume(out / CHECKPOINT, config, site_sha, extractor, teacher, optimizer, history)
+    # SpCL's independence bar, set by the first round with clusters (a resume reads it from that round's record)
+    bar = next((r.clusters["independence_bar"] for r in history if "independence_bar" in r.clusters), None)
     for index in progress(range(start, config.rounds), "adapting", config.rounds - start):
         round_began = time.monotonic()
         features = _templates(served, eval_loader, config, device)
         figures = site_figures(features, site, pids, config.query_camid) if pids is not None else {}
         templates_done = time.monotonic()
-        labels = pseudo_labels(features.numpy(), camids, config.cluster)
-        summary = cluster_summary(labels, camids)
+        labels, bar = pseudo_labels(features.numpy(), camids, config.cluster, bar)
+        summary = cluster_summary(labels, camids) | ({"independence_bar": bar} if bar is not None else {})
         clustering_done = time.monotonic()
         loss = _train_round(
             config, extractor, teacher, source.mask_generator, optimizer, train_set, features, labels, camids, device,
@@ -236,7 +243,7 @@ def adapt(config: AdaptConfig, progress: Callable[[Iterable, str, int], Iterable
         _checkpoint(out / CHECKPOINT, config, site_sha, extractor, teacher, optimizer, history)
 
     features = _templates(served, eval_loader, config, device)
-    labels = pseudo_labels(features.numpy(), camids, config.cluster)
+    labels, _ = pseudo_labels(features.numpy(), camids, config.cluster, bar)
     calibration = pseudo_calibration(features, labels, camids)
     provenance = {
         **default_calibration(source.provenance, calibration, config.threshold_from),
