@@ -298,8 +298,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         temperature=args.temperature, momentum=args.momentum, proxy_weight=args.proxy_weight,
         mask_weight=args.mask_weight, teacher_decay=args.teacher_decay,
         cluster=ClusterSettings(
-            args.k1, args.k2, args.eps, args.min_samples, args.camera_centring, args.reliability_delta,
-            args.independence_quantile,
+            k1=args.k1, k2=args.k2, eps=args.eps, min_samples=args.min_samples, camera_centring=args.camera_centring,
+            reliability_delta=args.reliability_delta, independence_quantile=args.independence_quantile,
         ), amp=args.amp,
         seed=args.seed, threshold_from=args.threshold_from, device=str(resolve_device(args.device)),
         channels_last=args.channels_last, workers=args.workers, eval=args.eval,

@@ -18,9 +18,9 @@ from safetensors import safe_open
 from models import ModelConfig, build_extractor, load_weights, save_weights
 from models.clustering import camera_centred, dbscan
 from training.adapt import AdaptConfig, ClusterSettings, adapt, pseudo_labels, read_site
-from training.adapt.loop import default_calibration
 from training.adapt.memory import CameraProxies, ClusterMemory
 from training.adapt.pseudo_labels import reliable
+from training.adapt.thresholds import default_calibration
 from training.cli import main
 
 TINY = ModelConfig(backbone="resnet18", feat_dim=16, input_height=64, input_width=32, unet_base_width=4)

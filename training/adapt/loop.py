@@ -31,18 +31,12 @@ from models.files import atomic_path
 from training.adapt.memory import CameraProxies, ClusterMemory
 from training.adapt.pseudo_labels import ClusterSettings, cluster_summary, pseudo_labels
 from training.adapt.site import Site, read_site, site_identities
+from training.adapt.thresholds import default_calibration, pseudo_calibration, threshold_check
 from training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from training.data.base import ImageDataset, Sample
 from training.engine.networks import running_stats_kept
 from training.engine.precision import autocast
-from training.evaluation import (
-    calibrate_thresholds,
-    evaluate_features,
-    extract_features,
-    pair_distances,
-    rates_at,
-)
-from training.export import THRESHOLD_FMRS, fmr_curve
+from training.evaluation import evaluate_features, extract_features
 from training.samplers import RandomIdentitySampler
 from training.transforms import split_train_transform
 
@@ -131,33 +125,6 @@ def site_figures(features: torch.Tensor, site: Site, pids: list[int], query_cami
         f = evaluate_features(x[query], x[gallery], pids_a[query], pids_a[gallery], camids[query], camids[gallery])
         figures[f"{name}rank1"], figures[f"{name}mAP"] = f["rank1"], f["mAP"]
     return figures
-
-
-def pseudo_calibration(features: torch.Tensor, labels: np.ndarray, camids: np.ndarray) -> dict[str, Any]:
-    """The open-set threshold estimated from pseudo-identities: cross-camera pairs in one cluster as genuine,
-    pairs in two as impostors (the left-out crops in none). A site has no labels; how far this estimate is from
-    the true false-match rate is measured in docs/TRAINING.md."""
-    genuine, impostor = pair_distances(features, features, labels, labels, camids, camids)
-    return {
-        "thresholds": calibrate_thresholds(genuine, impostor, THRESHOLD_FMRS),
-        "fmr_curve": fmr_curve(impostor),
-        "threshold_split": "site pseudo-identities (adaptation)",
-        "threshold_pairs": {"genuine": len(genuine) // 2, "impostor": len(impostor) // 2},
-    }
-
-
-CALIBRATION_KEYS = ("thresholds", "fmr_curve", "threshold_split", "threshold_pairs")
-
-
-def default_calibration(source: dict[str, Any], pseudo: dict[str, Any], prefer: str) -> dict[str, Any]:
-    """The threshold and score curve the adapted weights serve by default. ``source``: the source's own, calibrated
-    on its labelled split; measured on cuhk01-site it gave a false-match rate of 0.015 at its 1e-2 target, the
-    pseudo-identities' estimate 0.021 (docs/TRAINING.md). ``pseudo``: the estimate, also where the source has none."""
-    if prefer == "source" and source.get("thresholds"):
-        kept = {k: source[k] for k in CALIBRATION_KEYS if k in source}
-        kept["threshold_split"] = f"{source.get('threshold_split', '?')} (the source weights', kept by adaptation)"
-        return kept
-    return pseudo
 
 
 def adapt(config: AdaptConfig, progress: Callable[[Iterable, str, int], Iterable] | None = None) -> Path:
@@ -264,33 +231,12 @@ def adapt(config: AdaptConfig, progress: Callable[[Iterable, str, int], Iterable
     report: dict[str, Any] = {"rounds": [dataclasses.asdict(r) for r in history], "seconds": time.monotonic() - began}
     if pids is not None:
         report["final"] = site_figures(features, site, pids, config.query_camid)
-        report["thresholds"] = _threshold_check(source.provenance, calibration, features, pids, camids)
+        report["thresholds"] = threshold_check(source.provenance, calibration, features, pids, camids)
         logger.info("adapted: %s", _figure_words(report["final"]).lstrip(", "))
     with atomic_path(out / "adapt.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1))
     logger.info("wrote %s (%.0f s)", path, time.monotonic() - began)
     return path
-
-
-def _threshold_check(
-    source_provenance: dict[str, Any],
-    pseudo: dict[str, Any],
-    features: torch.Tensor,
-    pids: list[int],
-    camids: np.ndarray,
-) -> list[dict[str, Any]]:
-    """--eval: the false-match rate each candidate default threshold really gives on the site."""
-    genuine, impostor = pair_distances(features, features, np.asarray(pids), np.asarray(pids), camids, camids)
-    candidates = [("pseudo-identities", pseudo["thresholds"])]
-    candidates.append(
-        (f"source ({source_provenance.get('threshold_split', '?')})", source_provenance.get("thresholds", []))
-    )
-    return [
-        {"candidate": name, "target_fmr": entry["fmr"], "distance": entry["distance"],
-         "site_fmr": rates_at(genuine, impostor, entry["distance"])["fmr"]}
-        for name, thresholds in candidates
-        for entry in thresholds
-    ]  # fmt: skip
 
 
 def _train_round(
