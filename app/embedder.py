@@ -25,9 +25,9 @@ from app.untrained import ensure_untrained_weights
 from models import (
     ModelConfig,
     WeightsError,
-    build_eval_transform,
     extractor_fingerprint,
     load_weights,
+    preprocess_batch,
     read_metadata,
 )
 from models.devices import resolve_device
@@ -260,8 +260,7 @@ class Embedder:
         return self.backend.name if self.backend is not None else "torch (not loaded)"
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        transform = build_eval_transform(self.config)
-        return torch.stack([transform(image) for image in images])  # (B, 3, H, W)
+        return preprocess_batch(images, self.config)  # (B, 3, H, W)
 
     def _extractor_backend(self) -> Backend:
         if self.backend is None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -52,41 +51,85 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-def install_middlewares(app: FastAPI, state: State) -> None:
-    settings = state.settings
-    metrics = state.metrics
-    body_limit = settings.body_limit
-    app.add_middleware(BodyLimit, limit=body_limit)
+class Guard:
+    """Around every request: the API key, Content-Length, the time limit and its deadline for queued work,
+    metrics, and never a traceback out (a 500 problem instead).
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
+    A plain ASGI middleware rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs the app in
+    a task group of its own and streams the response through a memory stream, which took a fifth of the event
+    loop's time per ``POST /query`` (py-spy, docs/DEPLOY.md). The time limit covers the request until its response
+    starts, as it did there: a large response that has begun streaming is not cut off."""
+
+    def __init__(self, app: ASGIApp, state: State) -> None:
+        self.app = app
+        self.settings = state.settings
+        self.metrics = state.metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        settings = self.settings
+        request = Request(scope)
         route = request.url.path
         key = settings.api_key
         public = route in OPEN_PATHS or is_public_path(route)  # the page's shell and assets hold no data
         if key is not None and not public and not key_matches(request.headers.get(API_KEY_HEADER), key):
-            return problem(401, "unauthorized", "missing or wrong X-API-Key header")  # the docs and the schema too
+            # the docs and the schema too
+            await problem(401, "unauthorized", "missing or wrong X-API-Key header")(scope, receive, send)
+            return
+        body_limit = settings.body_limit
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > body_limit):
-            return problem(413, "request_too_large", f"the request body is over the {body_limit}-byte limit")
+            detail = f"the request body is over the {body_limit}-byte limit"
+            await problem(413, "request_too_large", detail)(scope, receive, send)
+            return
         start = time.perf_counter()
+        status: int | None = None
+        timeout = asyncio.timeout(settings.request_timeout_s)
+        timing = True  # while the time limit runs
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if timing:
+                    timeout.reschedule(None)  # the response has started: the limit is met
+                self._observe(scope, status, start)
+            await send(message)
+
         # Queued forward passes of this request are dropped once it is past its time (it was answered 504).
         token = request_deadline.set(time.monotonic() + settings.request_timeout_s)
+        failure: Response | None = None
         try:
-            response = await asyncio.wait_for(call_next(request), settings.request_timeout_s)
+            async with timeout:
+                await self.app(scope, receive, send_observed)
         except TimeoutError:
-            logger.warning("request %s %s timed out after %.1f s", request.method, route, settings.request_timeout_s)
-            response = problem(504, "timeout", f"the request took over {settings.request_timeout_s} s")
+            logger.warning("request %s %s timed out after %.1f s", scope["method"], route, settings.request_timeout_s)
+            failure = problem(504, "timeout", f"the request took over {settings.request_timeout_s} s")
         except Exception:
-            logger.exception("unhandled error on %s %s", request.method, route)
-            response = problem(500, "internal_error", "an unexpected error occurred; it has been logged")
+            if status is not None:
+                raise  # the response has begun: only the server can close it
+            logger.exception("unhandled error on %s %s", scope["method"], route)
+            failure = problem(500, "internal_error", "an unexpected error occurred; it has been logged")
         finally:
+            timing = False
             request_deadline.reset(token)
-        matched = request.scope.get("route")
+        if failure is not None and status is None:
+            await failure(scope, receive, send_observed)
+
+    def _observe(self, scope: Scope, status: int, start: float) -> None:
+        matched = scope.get("route")
         name = getattr(matched, "path", "unmatched")
-        method = request.method if request.method in HTTP_METHODS else "other"
-        metrics.requests.labels(method, name, str(response.status_code)).inc()
-        metrics.latency.labels(name).observe(time.perf_counter() - start)
-        return response
+        method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+        self.metrics.requests.labels(method, name, str(status)).inc()
+        self.metrics.latency.labels(name).observe(time.perf_counter() - start)
+
+
+def install_middlewares(app: FastAPI, state: State) -> None:
+    settings = state.settings
+    app.add_middleware(BodyLimit, limit=settings.body_limit)
+    app.add_middleware(Guard, state=state)
 
     if settings.cors_origin_list:
         app.add_middleware(
