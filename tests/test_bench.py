@@ -98,3 +98,38 @@ def test_grouping_bench_times_a_join_on_each_index_kind(tmp_path: Path, capsys) 
     # Each row names the index its joins searched: IVF trained, as the service's worker leaves it, not exact.
     for served in ("Flat", "IVF16,Flat nprobe 16", "HNSW8 efSearch 64, 0 tombstones"):
         assert f"| {served} | 2500 |" in out
+
+
+def test_parity_noise_bench_moves_templates_to_the_cosine_asked_and_reports_the_check_set(
+    tmp_path: Path, capsys
+) -> None:
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    from bench import parity_noise
+    from models import ModelConfig, build_extractor, save_weights
+
+    rng = np.random.default_rng(1)  # not noise_agreement's own seed, whose first draw would be these templates
+    templates = rng.standard_normal((40, 16))
+    moved = parity_noise.with_noise(templates, 0.99, rng)
+    cos = (moved * templates).sum(1) / np.linalg.norm(moved, axis=1) / np.linalg.norm(templates, axis=1)
+    assert np.allclose(cos, 0.99)
+    assert parity_noise.noise_agreement(templates, 1.0, draws=2) == [1.0, 1.0]
+    assert min(parity_noise.noise_agreement(templates, 0.5, draws=3)) < 1.0
+
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for person in range(10):  # two crops a person, named as CUHK03's
+        for shot in range(2):
+            pixels = rng.integers(0, 256, (64, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(crops / f"{person:04d}_{shot:02d}.png")
+    config = ModelConfig(backbone="resnet18", feat_dim=16, input_height=64, input_width=32)
+    weights = save_weights(tmp_path / "w.safetensors", build_extractor(config).eval())
+    argv = ["--weights", str(weights), "--crops", str(crops), "--cosines", "0.999,0.9", "--draws", "2"]
+    parity_noise.main([*argv, "--no-append"])
+    out = capsys.readouterr().out
+    assert "| 0.999 |" in out and "| 0.9 |" in out
+    assert "20 of 20 crops have another crop of their person in the set" in out
+    with pytest.raises(SystemExit, match="--cosines must be numbers"):
+        parity_noise.main(["--weights", str(weights), "--crops", str(crops), "--cosines", "a,b"])
