@@ -125,6 +125,15 @@ class Settings(BaseSettings):
         description="L2 distance under which an unnamed sighting joins a person or identity (POST /sightings); "
         "default: the weights' calibrated query threshold; weights without one: each tracklet starts a person",
     )
+    provisional_join_fmr: float = Field(
+        0.001,
+        gt=0,
+        lt=1,
+        description="false-match rate of the weights' calibrated threshold under which an unnamed sighting joins a "
+        "provisional person online (never above the join threshold); a named identity is joined under the join "
+        "threshold. A 1:N search meets every person once: at the query's rate, a stranger's sighting finds someone "
+        "under it in most searches of a gallery of hundreds",
+    )
     tracklet_aggregation: Literal["mean", "quality"] = Field(
         "mean",
         description="a tracklet's template: the mean of its crops' templates, or weighted by box area x confidence",

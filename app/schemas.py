@@ -192,6 +192,11 @@ class SightingsResult(BaseModel):
     threshold_source: str | None = Field(
         None, description='"REID_JOIN_THRESHOLD", "weights (FMR 0.01, val)" or none', examples=["weights (FMR 0.01)"]
     )
+    provisional_threshold: float | None = Field(
+        None,
+        description="the stricter threshold under which a tracklet joins a provisional person (the weights' "
+        "calibrated one at REID_PROVISIONAL_JOIN_FMR, never above the join threshold); identities use the join one",
+    )
 
 
 class CameraSeen(BaseModel):

@@ -6,9 +6,9 @@ and joins, in this order:
 
 1. the person or identity its track already belongs to: the same camera and track id seen within
    ``track_gap_s`` (the crops of one track are one person, whichever request brought them);
-2. the nearest identity or person under the join threshold, among the gallery's nearest entries and the
-   request's earlier tracklets, unless that person has another track on the same camera overlapping this one in
-   time (two tracks at once on one camera are two people);
+2. the nearest identity under the join threshold, or provisional person under the stricter provisional one,
+   among the gallery's nearest entries and the request's earlier tracklets, unless that person has another track
+   on the same camera overlapping this one in time (two tracks at once on one camera are two people);
 3. else a new provisional person.
 
 The cost of a join is one batched FAISS search and a few indexed SQL reads, never O(gallery). Joins are decided
@@ -48,6 +48,28 @@ def join_threshold(settings: Settings, provenance: dict[str, Any], trained: bool
         if calibrated is not None:
             return calibrated
     return None, None
+
+
+def provisional_threshold(
+    settings: Settings, provenance: dict[str, Any], trained: bool, threshold: float | None
+) -> float | None:
+    """The distance under which a tracklet joins a provisional person online: the weights' calibrated threshold at
+    REID_PROVISIONAL_JOIN_FMR, never above ``threshold`` (the join threshold), which it is where the weights carry
+    no calibration at that rate.
+
+    Why stricter than the join threshold: online, a sighting is compared with every person at once, so the chance
+    that some stranger lies under a threshold grows with their number; at the query's FMR 1e-2, CUHK03 val's crops
+    sent one by one put strangers together in 4 of 5 online pairs (docs/RESULTS.md). A wrongly joined sighting
+    stays wrong until re-grouping; a missed join is two provisional people that re-grouping puts together."""
+    if threshold is None:
+        return None
+    calibrated = weights_threshold(provenance, settings.provisional_join_fmr) if trained else None
+    return threshold if calibrated is None else min(threshold, calibrated[0])
+
+
+def is_provisional(identity: str | None) -> bool:
+    """Whether a candidate is a provisional person (of the gallery, or started earlier in this request)."""
+    return identity is None or identity.startswith(UNNAMED_PREFIX)
 
 
 def unnamed_label(person_id: int) -> str:
@@ -162,9 +184,13 @@ def plan(
     templates: np.ndarray,
     threshold: float | None,
     track_gap: timedelta,
+    provisional: float | None = None,
 ) -> list[Decision]:
     """Decide where each tracklet goes (reads only; the write is ``commit``). With no threshold nothing is
-    matched by appearance: each tracklet continues its track or starts a person."""
+    matched by appearance: each tracklet continues its track or starts a person. ``provisional`` (default:
+    ``threshold``) bounds the joins of provisional people (``provisional_threshold``)."""
+    if provisional is None:
+        provisional = threshold
     k = min(JOIN_CANDIDATES, len(gallery)) if threshold is not None else 0
     if k > 0:
         squared, ids = gallery.search(templates, k)
@@ -206,6 +232,8 @@ def plan(
             for distance, identity, person_id, new_person in candidates:
                 if threshold is None or distance > threshold:
                     break
+                if provisional is not None and distance > provisional and is_provisional(identity):
+                    continue  # a named identity farther away may still be under the join threshold
                 if identity is not None and _conflicts(session, identity, tracklet):
                     continue
                 decision = Decision("match", identity, person_id, new_person, distance)
@@ -288,6 +316,7 @@ def enroll(
     aggregation: Aggregation,
     track_gap: timedelta,
     *,
+    provisional: float | None = None,
     idempotency_key: str | None = None,
     request_sha256: str = "",
     answer: Callable[[list[Tracklet], list[Decision]], str] | None = None,
@@ -300,7 +329,7 @@ def enroll(
         [template(vectors[t.indices], [sightings[i] for i in t.indices], aggregation) for t in tracklets]
     ).astype(np.float32)
     try:
-        decisions = plan(gallery, tracklets, templates, threshold, track_gap)
+        decisions = plan(gallery, tracklets, templates, threshold, track_gap, provisional)
     except BaseException:  # e.g. the index resyncing: the crops are not enrolled
         gallery.release_crops(crops)
         raise

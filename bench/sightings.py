@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +68,16 @@ def scores(labels: list[str], truth: list[int]) -> dict[str, float]:
 
 
 def run(
-    weights: Path, rows: list[tuple[Path, int, int]], mode: str, threshold: float | None, aggregation: str, seed: int
+    weights: Path,
+    rows: list[tuple[Path, int, int]],
+    mode: str,
+    threshold: float | None,
+    aggregation: str,
+    seed: int,
+    provisional_fmr: float | None = None,
 ) -> dict[str, dict[str, float] | float | str | None]:
-    """Send the crops, score the online groups, re-group, score again."""
+    """Send the crops, score the online groups, re-group, score again. ``provisional_fmr``: the service's
+    REID_PROVISIONAL_JOIN_FMR (None: its default)."""
     rng = np.random.default_rng(seed)
     sizes = [Image.open(path).size for path, _, _ in rows]  # the detector's box: quality = its area (no confidence)
     if mode == "crops":
@@ -84,6 +92,7 @@ def run(
         settings = Settings(
             data_dir=Path(data_dir), weights=weights, device="cpu", backend="torch", allow_unauthenticated=True,
             join_threshold=threshold, tracklet_aggregation=aggregation, regroup_interval_s=0,
+            **({} if provisional_fmr is None else {"provisional_join_fmr": provisional_fmr}),
         )  # fmt: skip
         with TestClient(create_app(settings)) as client:
             label_of: dict[int, int] = {}  # entry id -> row
@@ -103,6 +112,7 @@ def run(
                 answer.raise_for_status()
                 body = answer.json()
                 threshold, source = body["threshold"], body["threshold_source"]
+                provisional = body["provisional_threshold"]
                 entries = [e for t in body["tracklets"] for e in t["entries"]]
                 label_of.update(zip(entries, members, strict=True))
             send_s = time.perf_counter() - started
@@ -128,6 +138,7 @@ def run(
         "regrouped": batch,
         "threshold": threshold,
         "source": source,
+        "provisional": provisional,
         "send_s": send_s,
         "request_p50_ms": 1e3 * float(np.median(join_s)),
         "regroup_s": regrouped.json()["seconds"],
@@ -144,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda t: [float(v) for v in t.split(",") if v],
         default=[],
         help="join thresholds to try (default: the weights' calibrated one, as the service takes it)",
+    )
+    parser.add_argument(
+        "--provisional-fmrs",
+        type=lambda t: [float(v) for v in t.split(",") if v],
+        default=[],
+        help="REID_PROVISIONAL_JOIN_FMR values to try (default: the service's)",
     )
     parser.add_argument("--aggregations", default="mean", help="tracklet templates: mean, quality or both (comma)")
     parser.add_argument("--seed", type=int, default=0, help="the order the crops arrive in")
@@ -164,29 +181,34 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(
         f"Unnamed sightings grouped into people, {args.root.name} val",
         [
-            "sent as", "threshold", "tracklet template", "step", "pair precision", "pair recall",
-            "BCubed P", "BCubed R", "BCubed F", "people found", "true people", "request p50 ms", "regroup s",
+            "sent as", "threshold", "provisional threshold", "tracklet template", "step", "pair precision",
+            "pair recall", "BCubed P", "BCubed R", "BCubed F", "people found", "true people", "request p50 ms",
+            "regroup s",
         ],
     )  # fmt: skip
     for mode in MODES:
-        for threshold in args.thresholds or [None]:
-            for aggregation in args.aggregations.split(","):
-                if mode == "crops" and aggregation != args.aggregations.split(",")[0]:
-                    continue  # one crop per tracklet: the template is the crop's whatever the aggregation
-                out = run(args.weights, rows, mode, threshold, aggregation, args.seed)
-                logger.info("%s threshold %s: %s", mode, out["threshold"], out)
-                for step in ("online", "regrouped"):
-                    s = out[step]
-                    assert isinstance(s, dict)
-                    table.add(
-                        mode, f"{out['threshold']:.3f} ({out['source']})", aggregation if mode != "crops" else "-",
-                        step, s["pair_precision"], s["pair_recall"], s["bcubed_precision"], s["bcubed_recall"],
-                        s["bcubed_f"], s["people"], s["true_people"], out["request_p50_ms"], out["regroup_s"],
-                    )  # fmt: skip
+        for threshold, provisional_fmr, aggregation in product(
+            args.thresholds or [None], args.provisional_fmrs or [None], args.aggregations.split(",")
+        ):
+            if mode == "crops" and aggregation != args.aggregations.split(",")[0]:
+                continue  # one crop per tracklet: the template is the crop's whatever the aggregation
+            out = run(args.weights, rows, mode, threshold, aggregation, args.seed, provisional_fmr)
+            logger.info("%s threshold %s: %s", mode, out["threshold"], out)
+            fmr = "" if provisional_fmr is None else f" (FMR {provisional_fmr:g})"
+            for step in ("online", "regrouped"):
+                s = out[step]
+                assert isinstance(s, dict)
+                table.add(
+                    mode, f"{out['threshold']:.3f} ({out['source']})", f"{out['provisional']:.3f}{fmr}",
+                    aggregation if mode != "crops" else "-", step, s["pair_precision"], s["pair_recall"],
+                    s["bcubed_precision"], s["bcubed_recall"], s["bcubed_f"], s["people"], s["true_people"],
+                    out["request_p50_ms"], out["regroup_s"],
+                )  # fmt: skip
     table.notes.append(
         f"{len(rows)} crops of {args.root.name} (manifest split val), sent in a shuffled order (seed {args.seed}), one "
         "request per crop (crops) or per person and camera (tracklets, one track id each, a minute apart); online: "
-        "the groups POST /sightings made, in arrival order; regrouped: after POST /people/regroup. Pair: over all "
+        "the groups POST /sightings made, in arrival order (provisional people joined under the provisional "
+        "threshold, identities under the join one); regrouped: after POST /people/regroup. Pair: over all "
         "pairs of crops; BCubed: per crop, averaged. The service never sees the identities."
     )
     report("Unnamed sightings grouped into people", "bench.sightings", [table], started, results, argv)

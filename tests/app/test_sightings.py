@@ -17,6 +17,7 @@ from PIL import Image
 from app.config import Settings
 from app.ingest import Options, ingest
 from app.main import create_app
+from models import load_weights, save_weights
 from tests.app.conftest import png_bytes
 from tests.conftest import SHARED_DATA, require_shared
 
@@ -95,6 +96,35 @@ def test_enrolled_identities_are_joined_and_reserved_labels_refused(client: Test
     assert (joined["joined"], joined["identity"], joined["person"]) == ("match", "Bob", None)
     refused = client.post("/gallery", files=files, data={"identity": "unknown-12"})
     assert refused.status_code == 422 and refused.json()["code"] == "reserved_identity"
+
+
+def test_provisional_people_are_joined_under_the_stricter_threshold_identities_under_the_join_one(
+    settings: Settings, small_weights: Path, tmp_path: Path
+) -> None:
+    """Weights calibrated at FMR 1e-2 (a distance every picture is under) and 1e-3 (one only the same picture is
+    under): a new picture joins the named identity, never a provisional person."""
+    model = load_weights(small_weights)
+    thresholds = [{"fmr": 0.01, "distance": 1e6, "tmr": 1.0}, {"fmr": 0.001, "distance": 1e-3, "tmr": 0.5}]
+    weights = save_weights(
+        tmp_path / "calibrated.safetensors", model.extractor, None, {"thresholds": thresholds, "threshold_split": "val"}
+    )
+    update = {"weights": weights, "backend": "torch", "join_threshold": None}
+    with TestClient(create_app(settings.model_copy(update=update))) as client:
+        first = send(client, [(1, sighting("c1", "1"))]).json()
+        assert first["threshold"] == 1e6 and first["threshold_source"] == "weights (FMR 0.01, val)"
+        assert first["provisional_threshold"] == pytest.approx(1e-3)
+        person = first["tracklets"][0]["person"]
+        again = send(client, [(1, sighting("c2", "5"))]).json()["tracklets"][0]
+        assert (again["joined"], again["person"]) == ("match", person)  # the same picture: under both
+        other = send(client, [(2, sighting("c2", "6"))]).json()["tracklets"][0]
+        assert other["joined"] == "new" and other["person"] != person  # under 1e6, not under 1e-3
+        files = {"files": ("bob.png", png_bytes(3), "image/png")}
+        assert client.post("/gallery", files=files, data={"identity": "Bob"}).status_code == 201
+        named = send(client, [(4, sighting("c3", "7"))]).json()["tracklets"][0]
+        assert (named["joined"], named["identity"]) == ("match", "Bob")  # past nearer provisional people
+    with TestClient(create_app(settings.model_copy(update={**update, "provisional_join_fmr": 0.01}))) as client:
+        joined = send(client, [(2, sighting("c4", "8"))]).json()["tracklets"][0]
+        assert joined["joined"] == "match"  # at the join threshold's own rate, as before
 
 
 def test_merge_split_ignore_and_count(client: TestClient) -> None:

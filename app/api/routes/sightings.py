@@ -83,6 +83,7 @@ def result(
     decisions: list[grouping.Decision],
     threshold: float | None,
     source: str | None,
+    provisional: float | None,
 ) -> SightingsResult:
     return SightingsResult(
         tracklets=[
@@ -99,6 +100,7 @@ def result(
         ],
         threshold=threshold,
         threshold_source=source,
+        provisional_threshold=provisional,
     )
 
 
@@ -125,7 +127,9 @@ async def enroll_sightings(
         if previous is not None:
             return replayed(previous)
     assert state.embedder is not None
-    threshold, source = grouping.join_threshold(settings, state.embedder.provenance, state.embedder.trained)
+    embedder = state.embedder
+    threshold, source = grouping.join_threshold(settings, embedder.provenance, embedder.trained)
+    provisional = grouping.provisional_threshold(settings, embedder.provenance, embedder.trained, threshold)
     vectors, crops = await templates_and_crops(state, loaded)
     tracklets, decisions, previous = await run_in_threadpool(
         grouping.enroll,
@@ -136,14 +140,15 @@ async def enroll_sightings(
         threshold,
         settings.tracklet_aggregation,
         timedelta(seconds=settings.track_gap_s),
+        provisional=provisional,
         idempotency_key=idempotency_key,
         request_sha256=fingerprint,
-        answer=lambda t, d: json.dumps(result(t, d, threshold, source).model_dump(mode="json")),
+        answer=lambda t, d: json.dumps(result(t, d, threshold, source, provisional).model_dump(mode="json")),
     )
     if previous is not None:
         return replayed(previous)
     state.metrics.size.set(len(gallery))
-    answer = result(tracklets, decisions, threshold, source)
+    answer = result(tracklets, decisions, threshold, source, provisional)
     if state.events is not None:  # after the commit; a replayed answer told its events the first time
         await run_in_threadpool(
             state.events.emit, answer.model_dump(mode="json")["tracklets"], [(t.start, t.end) for t in tracklets]
