@@ -1,5 +1,5 @@
 """How strict is the parity check's nearest-neighbour bar on a check set? The fp32 templates of the service's check
-set (``app.backends.crops``: the same crops, the same seed) with isotropic noise added at a given cosine, as a
+set (``app.backends.crops.shuffled_files``: the same crops) with isotropic noise added at a given cosine, as a
 backend that drifts that far in no preferred direction would: the share of crops whose nearest neighbour stays
 the same, over several draws. A bar of 99% that noise at the fp32 bar's cosine (0.999) already misses says the
 check set's neighbours are near ties.
@@ -12,7 +12,6 @@ person read from the file name by ``--person-pattern``) and how close each crop'
 from __future__ import annotations
 
 import argparse
-import random
 import re
 import sys
 import time
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.backends.crops import CHECK_CROPS, image_files
+from app.backends.crops import CHECK_CROPS, MIN_CROPS, shuffled_files
 from app.backends.parity import nearest_neighbours
 from bench.common import Table, add_common_args, report, setup
 from models import load_weights, preprocess_batch
@@ -56,7 +55,7 @@ def neighbour_margins(templates: np.ndarray) -> np.ndarray:
     return two[:, 1] / np.maximum(two[:, 0], 1e-12) - 1
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, required=True, help="weights file (safetensors)")
     parser.add_argument("--crops", type=Path, required=True, help="folder of crops, as REID_CALIBRATION_DIR")
@@ -75,10 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: --cosines must be numbers separated by commas, got {args.cosines!r}")
     if not all(0 < c <= 1 for c in cosines) or args.draws < 1:
         sys.exit("error: each cosine must be in (0, 1] and --draws at least 1")
-    files = image_files(args.crops)
-    if len(files) < 16:
-        sys.exit(f"error: {args.crops} holds {len(files)} images; the service needs at least 16 for a check set")
-    random.Random(0).shuffle(files)  # app.backends.crops' own draw: the check set is the first CHECK_CROPS
+    files = shuffled_files(args.crops)
+    if len(files) < MIN_CROPS:
+        sys.exit(f"error: {args.crops} holds {len(files)} images; the service needs {MIN_CROPS} for a check set")
     check = files[:CHECK_CROPS]
     model = load_weights(args.weights)
     images = [Image.open(p).convert("RGB") for p in check]
@@ -109,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         "is searched among the noisy templates, as a gallery embedded by that backend would be.",
     ]
     report("Parity bar under noise", "bench.parity_noise", [table], started, results, argv)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -127,7 +127,7 @@ def test_parity_noise_bench_moves_templates_to_the_cosine_asked_and_reports_the_
     config = ModelConfig(backbone="resnet18", feat_dim=16, input_height=64, input_width=32)
     weights = save_weights(tmp_path / "w.safetensors", build_extractor(config).eval())
     argv = ["--weights", str(weights), "--crops", str(crops), "--cosines", "0.999,0.9", "--draws", "2"]
-    parity_noise.main([*argv, "--no-append"])
+    assert parity_noise.main([*argv, "--no-append"]) == 0
     out = capsys.readouterr().out
     assert "| 0.999 |" in out and "| 0.9 |" in out
     assert "20 of 20 crops have another crop of their person in the set" in out

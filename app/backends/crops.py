@@ -36,6 +36,14 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def shuffled_files(folder: Path | None) -> list[Path]:
+    """Every image under ``folder`` in the fixed order the sets are drawn from: shuffled with a fixed seed, so that
+    a folder sorted by person still gives many people to each set (the check set is the first ``CHECK_CROPS``)."""
+    files = image_files(folder) if folder is not None else []
+    random.Random(0).shuffle(files)
+    return files
+
+
 def _load(paths: list[Path], config: ModelConfig) -> list[torch.Tensor]:
     transform = build_eval_transform(config)
     tensors = []
@@ -56,13 +64,12 @@ def reference_crops(
 ) -> ReferenceCrops | None:
     """The check and calibration sets from ``folder``, or None when it holds fewer than ``MIN_CROPS`` images.
 
-    The files are shuffled with a fixed seed, so that a folder sorted by person still gives many people to each
-    set; the check set is the first ``check_size``, calibration the next ``calibration_size``. With too few files
-    for two sets (fewer than check_size + MIN_CROPS), calibration reuses the check set's crops."""
-    files = image_files(folder) if folder is not None else []
+    The files are drawn in ``shuffled_files``' order: the check set is the first ``check_size``, calibration the
+    next ``calibration_size``. With too few files for two sets (fewer than check_size + MIN_CROPS), calibration
+    reuses the check set's crops."""
+    files = shuffled_files(folder)
     if len(files) < MIN_CROPS:
         return None
-    random.Random(0).shuffle(files)
     check_files = files[:check_size]
     rest = files[check_size : check_size + calibration_size]
     disjoint = len(rest) >= MIN_CROPS
