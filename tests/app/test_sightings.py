@@ -120,8 +120,14 @@ def test_provisional_people_are_joined_under_the_stricter_threshold_identities_u
         assert other["joined"] == "new" and other["person"] != person  # under 1e6, not under 1e-3
         files = {"files": ("bob.png", png_bytes(3), "image/png")}
         assert client.post("/gallery", files=files, data={"identity": "Bob"}).status_code == 201
-        named = send(client, [(4, sighting("c3", "7"))]).json()["tracklets"][0]
-        assert (named["joined"], named["identity"]) == ("match", "Bob")  # past nearer provisional people
+        for picture in range(4, 40):  # one whose nearest entry is a provisional person's, not Bob's
+            query = client.post("/query", files={"file": ("q.png", png_bytes(picture), "image/png")})
+            if query.json()["results"][0]["matches"][0]["identity"].startswith("unknown-"):
+                break
+        else:
+            pytest.fail("no picture lies nearer a provisional person than Bob")
+        named = send(client, [(picture, sighting("c3", "7"))]).json()["tracklets"][0]
+        assert (named["joined"], named["identity"]) == ("match", "Bob")  # past the nearer provisional person
     with TestClient(create_app(settings.model_copy(update={**update, "provisional_join_fmr": 0.01}))) as client:
         joined = send(client, [(2, sighting("c4", "8"))]).json()["tracklets"][0]
         assert joined["joined"] == "match"  # at the join threshold's own rate, as before
