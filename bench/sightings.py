@@ -98,7 +98,7 @@ def run(
             label_of: dict[int, int] = {}  # entry id -> row
             started = time.perf_counter()
             join_s = []
-            source = None
+            source = provisional = None
             for u, members in enumerate(units):
                 at = (T0 + timedelta(minutes=u)).isoformat()
                 files = [("files", (rows[i][0].name, rows[i][0].read_bytes(), "image/jpeg")) for i in members]

@@ -55,14 +55,14 @@ def reliable(
     """SpCL's criterion on ``labels`` (DBSCAN at ``eps`` over ``distances``): the crops of clusters both
     independent and compact, renumbered; the others -1. The bar: 1 - IoU with the looser clustering a cluster may
     have, the given one or, in the first round, the ``independence_quantile`` of this round's clusters'."""
+    count = int(labels.max(initial=-1)) + 1
+    if count == 0:  # nothing to judge: the bar waits for a round with clusters
+        return labels, independence_bar
     delta = settings.reliability_delta
     tight = dbscan(distances, settings.eps - delta, settings.min_samples) if settings.eps > delta else labels
     loose = dbscan(distances, settings.eps + delta, settings.min_samples)
     compact, independent = cluster_overlap(labels, tight), cluster_overlap(labels, loose)
     clustered = labels >= 0
-    count = int(labels.max(initial=-1)) + 1
-    if count == 0:  # nothing to judge: the bar waits for a round with clusters
-        return labels, independence_bar
     best_compact, best_independent = np.zeros(count), np.zeros(count)
     np.maximum.at(best_compact, labels[clustered], compact[clustered])
     np.maximum.at(best_independent, labels[clustered], independent[clustered])
