@@ -42,6 +42,8 @@ class ModelConfig:
     neck_feat: str = _opt("before", "serve the feature before or after the BNNeck", choices=NECK_FEATS)
     normalize: bool = _opt(False, "L2-normalise the served template (Euclidean distances then rank as cosine)")
     flip_average: bool = _opt(False, "serve the mean of the image's and its mirror's features (2x inference)")
+    # Not the paper's: the field's layer for models that travel between sites (models.ibn).
+    ibn: bool = _opt(False, "IBN-a: instance-normalise half of each block's first norm, in all stages but the last")
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -100,4 +102,4 @@ def as_written(config: ModelConfig, format_version: int) -> ModelConfig:
     return config
 
 
-_LATER_DEFAULTS = {"bnneck": False, "neck_feat": "before", "normalize": False, "flip_average": False}
+_LATER_DEFAULTS = {"bnneck": False, "neck_feat": "before", "normalize": False, "flip_average": False, "ibn": False}

@@ -24,6 +24,7 @@ import torchvision
 from torch import nn
 
 from models.config import ModelConfig
+from models.ibn import mobilenet_v2_ibn, resnet_ibn
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ _CLASSIFIER_PREFIXES = ("fc.", "classifier.")
 MOBILENET_LAST_STRIDE_BLOCK = 14
 
 
-def _build_trunk(backbone: str, last_stride: int) -> nn.Module:
+def _build_trunk(backbone: str, last_stride: int, ibn: bool = False) -> nn.Module:
     if backbone in ("resnet50", "resnet18"):
         trunk = getattr(torchvision.models, backbone)(weights=None)
         del trunk.fc
@@ -42,6 +43,8 @@ def _build_trunk(backbone: str, last_stride: int) -> nn.Module:
             block = trunk.layer4[0]
             (block.conv2 if backbone == "resnet50" else block.conv1).stride = (1, 1)
             block.downsample[0].stride = (1, 1)
+        if ibn:
+            resnet_ibn(trunk)
         return trunk
     if backbone == "mobilenet_v2":
         trunk = torchvision.models.mobilenet_v2(weights=None)
@@ -50,6 +53,8 @@ def _build_trunk(backbone: str, last_stride: int) -> nn.Module:
             # The same trick for MobileNetV2: its last stride-2 layer is the depthwise conv of block 14 (the first
             # of the 160-channel stage), so the map ends at 1/16 of the input instead of 1/32.
             trunk.features[MOBILENET_LAST_STRIDE_BLOCK].conv[1][0].stride = (1, 1)
+        if ibn:
+            mobilenet_v2_ibn(trunk, MOBILENET_LAST_STRIDE_BLOCK)
         return trunk
     raise ValueError(f"unknown backbone {backbone!r}; choose resnet50, resnet18 or mobilenet_v2")
 
@@ -61,7 +66,7 @@ class FeatureExtractor(nn.Module):
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
         self.config = config or ModelConfig()
-        self.trunk = _build_trunk(self.config.backbone, self.config.last_stride)
+        self.trunk = _build_trunk(self.config.backbone, self.config.last_stride, self.config.ibn)
         self.pool = nn.AdaptiveAvgPool2d(1)  # the trunk's own average pool: 2048x1x1 for ResNet-50
         self.head = nn.Sequential(
             nn.Conv2d(TRUNK_CHANNELS[self.config.backbone], self.config.feat_dim, 1, stride=1),

@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
+from models.ibn import InstanceBatchNorm2d
+
 logger = logging.getLogger(__name__)
 
 
@@ -68,6 +70,9 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     """Every BatchNorm layer of ``module`` synchronised across the ranks, in place (parameters and buffers
     kept): torch's ``SyncBatchNorm`` on GPUs; on the CPU, where DDP refuses it, the same layers with a forward
     over the global statistics."""
+    if any(isinstance(m, InstanceBatchNorm2d) for m in module.modules()):
+        # torch's conversion takes every BatchNorm subclass and would drop the instance-normalised half.
+        raise ValueError("IBN networks train in one process: their layers have no synchronised form")
     if device.type != "cpu":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for m in module.modules():

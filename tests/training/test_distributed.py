@@ -138,3 +138,14 @@ def test_two_gloo_ranks_train_in_step_in_bf16(tmp_path) -> None:
         assert value.dtype == rank1["state"][name].dtype and torch.equal(value, rank1["state"][name]), name
         if "running" in name:
             assert value.dtype == torch.float32, name  # the synchronised statistics stay fp32
+
+
+def test_ibn_networks_are_refused_a_synchronised_form_with_a_sentence() -> None:
+    """torch's SyncBatchNorm conversion would turn IBN's layers into plain batch norms."""
+    from models import ModelConfig, build_extractor
+    from training.distributed import convert_sync_batchnorm
+
+    extractor = build_extractor(ModelConfig(backbone="resnet18", feat_dim=16, ibn=True))
+    for device in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="IBN networks train in one process"):
+            convert_sync_batchnorm(extractor, torch.device(device))

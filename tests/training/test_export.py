@@ -105,9 +105,10 @@ def test_export_from_networks(tmp_path) -> None:
 
 
 STRONG = dataclasses.replace(SMALL, bnneck=True, neck_feat="after", normalize=True, flip_average=True)
+IBN = dataclasses.replace(STRONG, backbone="mobilenet_v2", ibn=True)
 
 
-@pytest.mark.parametrize("config", [SMALL, STRONG], ids=["paper", "strong"])
+@pytest.mark.parametrize("config", [SMALL, STRONG, IBN], ids=["paper", "strong", "ibn"])
 def test_onnx_export_matches_pytorch_with_a_dynamic_batch(tmp_path, config: ModelConfig) -> None:
     """The strong recipe's served template (after the BNNeck, normalised, flip-averaged) exports too."""
     pytest.importorskip("onnxruntime")
