@@ -134,6 +134,12 @@ class Settings(BaseSettings):
         "threshold. A 1:N search meets every person once: at the query's rate, a stranger's sighting finds someone "
         "under it in most searches of a gallery of hundreds",
     )
+    tracklet_spread_correction: bool = Field(
+        True,
+        description="add back to a tracklet's distances the part its template lost to averaging its crops (their "
+        "scatter about their mean x (1 - 1/k)), so that they mean what the crop-pair thresholds mean; off: the "
+        "mean's own distance, nearer to everyone",
+    )
     tracklet_aggregation: Literal["mean", "quality"] = Field(
         "mean",
         description="a tracklet's template: the mean of its crops' templates, or weighted by box area x confidence",

@@ -141,6 +141,23 @@ def template(vectors: np.ndarray, sightings: Sequence[Sighting], aggregation: Ag
     return (vectors * (weights / weights.sum())[:, None]).sum(axis=0).astype(np.float32)
 
 
+def averaged_out(vectors: np.ndarray, sightings: Sequence[Sighting], aggregation: Aggregation) -> float:
+    """The squared distance a tracklet's template lost to averaging its crops. The thresholds are calibrated on
+    pairs of single crops, whose squared distance holds each crop's own scatter about its person; a mean of k
+    crops keeps only 1/k of it (a weighted mean, the sum of the squared weights), so it lies nearer to everyone,
+    strangers too. This adds the lost part back: the crops' scatter about their mean (unbiased) times 1 - 1/k."""
+    k = len(vectors)
+    if k < 2:
+        return 0.0
+    if aggregation == "mean":
+        kept = 1.0 / k
+    else:
+        weights = np.array([quality(s) for s in sightings], np.float64)
+        kept = float(((weights / weights.sum()) ** 2).sum())
+    scatter = float(((vectors - vectors.mean(axis=0)) ** 2).sum() / (k - 1))
+    return scatter * (1.0 - kept)
+
+
 def _conflicts(session: Session, identity: str, tracklet: Tracklet) -> bool:
     """``identity`` has another track on this camera whose span overlaps the tracklet's: another person."""
     if tracklet.track is None:
@@ -185,10 +202,13 @@ def plan(
     threshold: float | None,
     track_gap: timedelta,
     provisional: float | None = None,
+    averaged: Sequence[float] | None = None,
 ) -> list[Decision]:
     """Decide where each tracklet goes (reads only; the write is ``commit``). With no threshold nothing is
     matched by appearance: each tracklet continues its track or starts a person. ``provisional`` (default:
-    ``threshold``) bounds the joins of provisional people (``provisional_threshold``)."""
+    ``threshold``) bounds the joins of provisional people (``provisional_threshold``). ``averaged``: each
+    template's ``averaged_out`` squared distance, added back to the distances compared with the thresholds."""
+    lost = list(averaged) if averaged is not None else [0.0] * len(tracklets)
     if provisional is None:
         provisional = threshold
     k = min(JOIN_CANDIDATES, len(gallery)) if threshold is not None else 0
@@ -219,11 +239,11 @@ def plan(
                     identity, person_id = rows[entry_id]
                     if identity not in seen:
                         seen.add(identity)
-                        candidates.append((math.sqrt(max(d2, 0.0)), identity, person_id, None))
+                        candidates.append((math.sqrt(max(d2, 0.0) + lost[t]), identity, person_id, None))
                 for s, (earlier_tracklet, earlier_decision) in enumerate(zip(tracklets, decisions, strict=False)):
                     if _overlaps(earlier_tracklet, tracklet):
                         continue  # two tracks at once on one camera: two people
-                    distance = float(np.linalg.norm(templates[s] - templates[t]))
+                    distance = math.sqrt(float(((templates[s] - templates[t]) ** 2).sum()) + lost[s] + lost[t])
                     candidates.append(
                         (distance, earlier_decision.identity, earlier_decision.person_id, earlier_decision.new_person)
                     )
@@ -317,6 +337,7 @@ def enroll(
     track_gap: timedelta,
     *,
     provisional: float | None = None,
+    correct_averaging: bool = True,
     idempotency_key: str | None = None,
     request_sha256: str = "",
     answer: Callable[[list[Tracklet], list[Decision]], str] | None = None,
@@ -325,11 +346,11 @@ def enroll(
     them all in one transaction; (tracklets, decisions with their entries, or the first answer of a replayed
     Idempotency-Key). The crops' holds are released either way."""
     tracklets = tracklets_of(sightings)
-    templates = np.stack(
-        [template(vectors[t.indices], [sightings[i] for i in t.indices], aggregation) for t in tracklets]
-    ).astype(np.float32)
+    members = [(vectors[t.indices], [sightings[i] for i in t.indices]) for t in tracklets]
+    templates = np.stack([template(v, s, aggregation) for v, s in members]).astype(np.float32)
+    averaged = [averaged_out(v, s, aggregation) for v, s in members] if correct_averaging else None
     try:
-        decisions = plan(gallery, tracklets, templates, threshold, track_gap, provisional)
+        decisions = plan(gallery, tracklets, templates, threshold, track_gap, provisional, averaged)
     except BaseException:  # e.g. the index resyncing: the crops are not enrolled
         gallery.release_crops(crops)
         raise

@@ -75,6 +75,7 @@ def run(
     aggregation: str,
     seed: int,
     provisional_fmr: float | None = None,
+    spread_correction: bool | None = None,
 ) -> dict[str, dict[str, float] | float | str | None]:
     """Send the crops, score the online groups, re-group, score again. ``provisional_fmr``: the service's
     REID_PROVISIONAL_JOIN_FMR (None: its default)."""
@@ -93,6 +94,7 @@ def run(
             data_dir=Path(data_dir), weights=weights, device="cpu", backend="torch", allow_unauthenticated=True,
             join_threshold=threshold, tracklet_aggregation=aggregation, regroup_interval_s=0,
             **({} if provisional_fmr is None else {"provisional_join_fmr": provisional_fmr}),
+            **({} if spread_correction is None else {"tracklet_spread_correction": spread_correction}),
         )  # fmt: skip
         with TestClient(create_app(settings)) as client:
             label_of: dict[int, int] = {}  # entry id -> row

@@ -239,3 +239,22 @@ def test_a_trackers_two_cameras_come_out_as_people(client: TestClient, tmp_path:
         ("door", "2026-03-01T10:00:00Z"),
         ("hall", "2026-03-01T10:05:00Z"),
     ]
+
+
+def test_a_tracklets_distances_get_back_what_averaging_took_out() -> None:
+    """Thresholds are calibrated on pairs of single crops; a mean of two crops lies nearer to a stranger than either
+    crop does. With the correction the mean's distance is the crops' own again (here exactly: the stranger stands
+    square to the two crops' difference)."""
+    import numpy as np
+
+    from app.sightings import Sighting, averaged_out
+
+    crops = np.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
+    stranger = np.array([0.0, 2.0, 0.0])
+    seen = [Sighting("c1", datetime(2026, 3, 1, tzinfo=UTC), box=(0, 0, 10, 20)) for _ in range(2)]
+    mean_distance2 = float(((crops.mean(0) - stranger) ** 2).sum())  # 4: nearer than each crop's 5
+    for aggregation in ("mean", "quality"):  # equal boxes: the same weights
+        lost = averaged_out(crops, seen, aggregation)
+        assert lost == pytest.approx(1.0)
+        assert np.sqrt(mean_distance2 + lost) == pytest.approx(np.linalg.norm(crops[0] - stranger))
+    assert averaged_out(crops[:1], seen[:1], "mean") == 0.0  # a crop alone lost nothing

@@ -166,5 +166,6 @@ def test_served_feature_settings_are_checked_and_travel_with_the_config():
         "neck_feat",
         "normalize",
         "flip_average",
+        "ibn",
     }
     assert ModelConfig.from_dict(ModelConfig().to_dict()) == ModelConfig()

@@ -141,6 +141,7 @@ async def enroll_sightings(
         settings.tracklet_aggregation,
         timedelta(seconds=settings.track_gap_s),
         provisional=provisional,
+        correct_averaging=settings.tracklet_spread_correction,
         idempotency_key=idempotency_key,
         request_sha256=fingerprint,
         answer=lambda t, d: json.dumps(result(t, d, threshold, source, provisional).model_dump(mode="json")),
