@@ -358,6 +358,14 @@ def setup(args: Any) -> Path | None:
     return None if args.no_append else args.results
 
 
+def require_weights_and_manifest(parser: argparse.ArgumentParser, args: Any) -> None:
+    """Exit with a sentence unless ``--weights`` is a file and ``--root`` holds a manifest.csv."""
+    if not args.weights.is_file():
+        parser.exit(2, f"{parser.prog}: --weights {args.weights} is not a file\n")
+    if not (args.root / "manifest.csv").is_file():
+        parser.exit(2, f"{parser.prog}: {args.root}/manifest.csv is absent\n")
+
+
 def int_list(text: str) -> list[int]:
     """argparse type: "1,8,32" -> [1, 8, 32]."""
     try:

@@ -28,7 +28,7 @@ from PIL import Image
 from app.config import Settings
 from app.ingest import Options, ingest
 from app.main import create_app
-from bench.common import Table, add_common_args, report, setup
+from bench.common import Table, add_common_args, report, require_weights_and_manifest, setup
 from bench.sightings import SHARED_CUHK03, T0, scores, val_rows
 
 logger = logging.getLogger("bench.ingest")
@@ -169,10 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.weights.is_file():
-        parser.exit(2, f"bench.ingest: --weights {args.weights} is not a file\n")
-    if not (args.root / "manifest.csv").is_file():
-        parser.exit(2, f"bench.ingest: {args.root}/manifest.csv is absent\n")
+    require_weights_and_manifest(parser, args)
     if (args.people is not None and args.people < 1) or args.fps < 1 or args.gap < 1 or args.best_k < 1:
         parser.exit(2, "bench.ingest: --people, --fps, --gap and --best-k must be positive\n")
     results = setup(args)

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from app.backends import KINDS, BackendError
 from app.config import Settings
 from app.main import create_app
-from bench.common import Table, add_common_args, report, setup
+from bench.common import Table, add_common_args, report, require_weights_and_manifest, setup
 
 logger = logging.getLogger("bench.served_accuracy")
 
@@ -122,10 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.weights.is_file():
-        parser.exit(2, f"bench.served_accuracy: --weights {args.weights} is not a file\n")
-    if not (args.root / "manifest.csv").is_file():
-        parser.exit(2, f"bench.served_accuracy: {args.root}/manifest.csv is absent\n")
+    require_weights_and_manifest(parser, args)
     unknown = [b for b in args.backends if b not in ("auto", *KINDS)]
     if unknown:
         parser.exit(2, f"bench.served_accuracy: unknown backend {unknown[0]!r}; choose auto, {', '.join(KINDS)}\n")

@@ -28,7 +28,7 @@ from PIL import Image
 
 from app.config import Settings
 from app.main import create_app
-from bench.common import Table, add_common_args, report, setup
+from bench.common import Table, add_common_args, report, require_weights_and_manifest, setup
 
 logger = logging.getLogger("bench.sightings")
 
@@ -173,10 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.weights.is_file():
-        parser.exit(2, f"bench.sightings: --weights {args.weights} is not a file\n")
-    if not (args.root / "manifest.csv").is_file():
-        parser.exit(2, f"bench.sightings: {args.root}/manifest.csv is absent\n")
+    require_weights_and_manifest(parser, args)
     results = setup(args)
     started = time.time()
     rows = val_rows(args.root)
