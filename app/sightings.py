@@ -137,8 +137,13 @@ def template(vectors: np.ndarray, sightings: Sequence[Sighting], aggregation: Ag
     track=mean) or their quality-weighted mean."""
     if aggregation == "mean":
         return vectors.mean(axis=0)
+    return (vectors * _quality_weights(sightings)[:, None]).sum(axis=0).astype(np.float32)
+
+
+def _quality_weights(sightings: Sequence[Sighting]) -> np.ndarray:
+    """Each crop's share of a quality-weighted template (summing to 1)."""
     weights = np.array([quality(s) for s in sightings], np.float64)
-    return (vectors * (weights / weights.sum())[:, None]).sum(axis=0).astype(np.float32)
+    return weights / weights.sum()
 
 
 def averaged_out(vectors: np.ndarray, sightings: Sequence[Sighting], aggregation: Aggregation) -> float:
@@ -149,11 +154,7 @@ def averaged_out(vectors: np.ndarray, sightings: Sequence[Sighting], aggregation
     k = len(vectors)
     if k < 2:
         return 0.0
-    if aggregation == "mean":
-        kept = 1.0 / k
-    else:
-        weights = np.array([quality(s) for s in sightings], np.float64)
-        kept = float(((weights / weights.sum()) ** 2).sum())
+    kept = 1.0 / k if aggregation == "mean" else float((_quality_weights(sightings) ** 2).sum())
     scatter = float(((vectors - vectors.mean(axis=0)) ** 2).sum() / (k - 1))
     return scatter * (1.0 - kept)
 

@@ -104,7 +104,7 @@ def run(
         by_person.setdefault(pid, {}).setdefault(camid, []).append(path)
     cameras = sorted({camid for _, _, camid in rows})
     pids = sorted(pid for pid, seen in by_person.items() if len(seen) == len(cameras))[:max_people]
-    order = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # the order people enter in
     truth: dict[tuple[str, str], int] = {}  # (camera, track) -> pid
     entries: dict[int, tuple[str, str]] = {}  # entry id -> (camera, track)
 
@@ -123,7 +123,7 @@ def run(
         with TestClient(create_app(settings)) as client:
             client.event_hooks = {"request": [], "response": [record]}
             for camid in cameras:
-                people = [(pid, sorted(by_person[pid][camid])) for pid in order.permutation(pids).tolist()]
+                people = [(pid, sorted(by_person[pid][camid])) for pid in rng.permutation(pids).tolist()]
                 tracks, video, frames = write_clip(Path(work), people, camid, fps, gap, seed)
                 camera = f"camera{camid}"
                 truth.update({(camera, str(pid)): pid for pid, _ in people})
