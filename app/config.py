@@ -137,8 +137,8 @@ class Settings(BaseSettings):
     tracklet_spread_correction: bool = Field(
         True,
         description="add back to a tracklet's distances the part its template lost to averaging its crops (their "
-        "scatter about their mean x (1 - 1/k)), so that they mean what the crop-pair thresholds mean; off: the "
-        "mean's own distance, nearer to everyone",
+        "scatter about their mean x (1 - 1/k)), so that they mean what the crop-pair thresholds mean, online and "
+        "in re-grouping (each unit's mean); off: the mean's own distance, nearer to everyone",
     )
     tracklet_aggregation: Literal["mean", "quality"] = Field(
         "mean",

@@ -118,7 +118,13 @@ def create_app(settings: Settings | None = None, entry_point: bool = False) -> F
             while True:
                 await asyncio.sleep(settings.regroup_interval_s)
                 try:
-                    await run_in_threadpool(regroup, gallery, threshold, settings.regroup_eps)
+                    await run_in_threadpool(
+                        regroup,
+                        gallery,
+                        threshold,
+                        settings.regroup_eps,
+                        correct_averaging=settings.tracklet_spread_correction,
+                    )
                 except Exception:  # the next run tries again; a failed database is the worker's to report
                     logger.exception("re-grouping failed (threshold %g from %s)", threshold, source)
 

@@ -107,7 +107,13 @@ async def regroup_people(state: ReadyDep) -> RegroupOut:
     threshold, _ = join_threshold(state.settings, state.embedder.provenance, state.embedder.trained)
     if threshold is None:
         raise ApiError(409, "no_join_threshold", "the weights carry no calibrated threshold: set REID_JOIN_THRESHOLD")
-    done = await run_in_threadpool(regroup, state.gallery, threshold, state.settings.regroup_eps)
+    done = await run_in_threadpool(
+        regroup,
+        state.gallery,
+        threshold,
+        state.settings.regroup_eps,
+        correct_averaging=state.settings.tracklet_spread_correction,
+    )
     return RegroupOut(threshold=threshold, **dataclasses.asdict(done))
 
 
