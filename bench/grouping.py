@@ -1,9 +1,11 @@
 """Grouping unnamed sightings into provisional people at scale, on synthetic 512-d unit embeddings of people seen
 a few times each: the kNN graph re-grouping builds (FAISS), then ``models.clustering.constrained_groups`` over it,
-with and without must-link / cannot-link constraints; and, with ``--join-sizes``, one online join on galleries of
-those sizes, for each index of ``--join-index``.
+with and without must-link / cannot-link constraints; with ``--join-sizes``, one online join on galleries of
+those sizes, for each index of ``--join-index``; with ``--regroup-sizes``, all of ``POST /people/regroup`` on
+SQLite galleries of those sizes.
 
     python -m bench.grouping --n 100000 --join-sizes 100000,1000000 --join-index 'Flat;IVF1024;HNSW32'
+    python -m bench.grouping --n 1000 --regroup-sizes 100000
 
 "group (sum)" is the kNN graph plus the grouping timed here (its pairs, their L2 distances and the grouping);
 "link" is all of what ``POST /people/regroup`` computes between reading the units and writing them
@@ -22,11 +24,14 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from app.db import make_engine
+from app.db import Entry, Person, make_engine
 from app.gallery import Gallery
-from app.regroup import EXACT_KNN_MAX, IVF_PROBE, REGROUP_EPS, knn_graph, link
-from app.sightings import Sighting, enroll, plan, tracklets_of
+from app.gallery.writes import NewEntry
+from app.regroup import EXACT_KNN_MAX, IVF_PROBE, REGROUP_EPS, knn_graph, link, regroup
+from app.sightings import Sighting, enroll, plan, tracklets_of, unnamed_label
 from bench.common import PeakMemory, Table, add_common_args, int_list, mib, percentile, report, setup
 from models.clustering import constrained_groups, knn, knn_pairs, pair_distances
 
@@ -132,6 +137,58 @@ def online_joins(sizes: list[int], factories: list[str], dim: int, seed: int, jo
     return table
 
 
+def service_regroups(sizes: list[int], per_person: int, dim: int, spread: float, threshold: float, seed: int) -> Table:
+    """All of ``POST /people/regroup`` (``app.regroup.regroup``: reading every entry, the grouping, writing what
+    moved in one transaction) on a SQLite gallery of ``n`` synthetic sightings, each its own provisional person
+    as an online step that joined nothing would leave them: the most a re-grouping has to write."""
+    columns = ["sightings", "fill s", "regroup s", "peak RSS MiB", "units", "groups", "entries moved"]
+    table = Table(
+        "Re-grouping a gallery (app.regroup.regroup, all of POST /people/regroup), SQLite",
+        [*columns, "people retired", "ARI"],
+    )
+    for n in sizes:
+        x, person = sightings(n, per_person, dim, spread, seed)
+        with tempfile.TemporaryDirectory(prefix="bench-regroup-") as tmp:
+            engine = make_engine(f"sqlite:///{tmp}/reid.db")
+            gallery = Gallery(engine, Path(tmp) / "data", dim, "Flat", fingerprint="f" * 64, snapshot_every=10**9)
+            gallery.open()
+            t0 = time.perf_counter()
+            for start in range(0, n, 10_000):
+                rows = range(start, min(n, start + 10_000))
+                new = [NewEntry("", f"c{i % 4}", {}, T0 + timedelta(seconds=i)) for i in rows]
+                crops = [(f"{i:064x}", "crops/none.png", 32, 64) for i in rows]
+                gallery.enroll_held(new, crops, x[rows.start : rows.stop], before_insert=_person_each)
+            fill_s = time.perf_counter() - t0
+            logger.info("%d sightings enrolled in %.0f s; re-grouping", n, fill_s)
+            with PeakMemory() as peak:
+                result = regroup(gallery, threshold)
+            with Session(engine) as session:
+                grouped = dict(session.execute(select(Entry.id, Entry.person_id)).tuples().all())
+            gallery.close()
+            engine.dispose()
+        labels = np.array([grouped[i] for i in sorted(grouped)])  # entry ids follow the enrolment order
+        table.add(
+            n, fill_s, result.seconds, mib(peak.bytes), result.units, result.groups, result.moved,
+            result.retired_people, adjusted_rand(person, labels),
+        )  # fmt: skip
+    table.notes.append(
+        f"The synthetic sightings of the table above ({per_person} per person, 4 cameras, no tracks), enrolled in "
+        "batches of 10,000, each sighting its own provisional person; then one re-grouping, timed by itself "
+        f"(regroup s: its own figure), threshold {threshold}, Jaccard eps {REGROUP_EPS}. ARI: the people it left "
+        "against the synthetic ones."
+    )
+    return table
+
+
+def _person_each(session: Session, new: list[NewEntry]) -> None:
+    """An enrolment's hook: every new entry its own new provisional person."""
+    people = [Person() for _ in new]
+    session.add_all(people)
+    session.flush()
+    for item, p in zip(new, people, strict=True):
+        item.identity, item.person_id = unnamed_label(p.id), p.id
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=10_000, help="sightings (default %(default)s)")
@@ -154,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda text: text.split(";"),
         default=["Flat"],
         help="the --join-sizes galleries' index factories, ';' between (default Flat; e.g. 'Flat;IVF1024;HNSW32')",
+    )
+    parser.add_argument(
+        "--regroup-sizes",
+        type=int_list,
+        default=[],
+        help="also time all of POST /people/regroup on SQLite galleries of these many sightings",
     )
     add_common_args(parser)
     return parser
@@ -233,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     tables = [table] + (
         [online_joins(args.join_sizes, args.join_index, args.dim, args.seed)] if args.join_sizes else []
     )
+    if args.regroup_sizes:
+        tables.append(
+            service_regroups(args.regroup_sizes, args.per_person, args.dim, args.spread, args.threshold, args.seed)
+        )
     report("Grouping sightings", "bench.grouping", tables, started, results, argv)
     return 0
 

@@ -257,14 +257,15 @@ def cluster_overlap(labels: np.ndarray, other: np.ndarray) -> np.ndarray:
     """(N,) float64: for each item, the intersection over union of its cluster in ``labels`` and its cluster in
     ``other``, two clusterings of the same items (noise, -1, is the item alone). SpCL's reliability of a cluster:
     against a tighter eps it says how compact the cluster is, against a looser one how independent."""
-    a, b = _noise_alone(np.asarray(labels)), _noise_alone(np.asarray(other))
+    a, b = noise_alone(np.asarray(labels)), noise_alone(np.asarray(other))
     a_ids, b_ids = (np.unique(x, return_inverse=True)[1].ravel() for x in (a, b))
     joint_ids = np.unique(a_ids * (int(b_ids.max(initial=0)) + 1) + b_ids, return_inverse=True)[1].ravel()
     size_a, size_b, joint = (np.bincount(ids)[ids] for ids in (a_ids, b_ids, joint_ids))
     return joint / (size_a + size_b - joint)
 
 
-def _noise_alone(labels: np.ndarray) -> np.ndarray:
+def noise_alone(labels: np.ndarray) -> np.ndarray:
+    """Clustering labels with each noise item (-1) a cluster of its own, numbered after the others."""
     out = labels.astype(np.int64, copy=True)
     noise = out < 0
     out[noise] = out.max(initial=-1) + 1 + np.arange(int(noise.sum()))

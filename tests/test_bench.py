@@ -101,6 +101,25 @@ def test_grouping_bench_times_a_join_on_each_index_kind(tmp_path: Path, capsys) 
         assert f"| {served} | 2500 |" in out
 
 
+def test_grouping_bench_regroups_a_whole_gallery_through_the_service_path(capsys) -> None:
+    from bench import grouping
+
+    argv = ["--n", "1200", "--per-person", "4", "--constrained", "0", "--regroup-sizes", "1200", "--no-append"]
+    assert grouping.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    def cells(prefix: str) -> list[str]:
+        return [c.strip() for c in next(line for line in lines if line.startswith(prefix)).strip("|").split("|")]
+
+    link_groups, link_ari = cells("| 1200 | link:")[5], cells("| 1200 | link:")[7]
+    _, _, _, _, units, groups, moved, retired, ari = cells("| 1200 | 0")  # the service table's row: fill s next
+    # The same grouping as link's over the same sightings (whose one random cannot-link, two sightings of two
+    # people, changes nothing here); each sighting came in as its own person, so all but one of each group moved
+    # and every person left empty was retired.
+    assert int(units) == 1200 and groups == link_groups and ari == link_ari and float(ari) > 0.5
+    assert int(moved) == 1200 - int(groups) and int(retired) == int(moved)
+
+
 def test_parity_noise_bench_moves_templates_to_the_cosine_asked_and_reports_the_check_set(
     tmp_path: Path, capsys
 ) -> None:
@@ -166,3 +185,49 @@ def test_ingest_bench_sends_each_persons_track_from_every_camera_and_scores_the_
     # pairs put together are right (each track's 2 crops), 1 in 3 of the true pairs.
     assert "| online | 1.00 | 0.333 | 1.00 | 0.500 | 0.667 | 6 | 3 |" in out
     assert "| regrouped | 1.00 | 0.333 | 1.00 | 0.500 | 0.667 | 6 | 3 |" in out
+
+
+def test_linkage_bench_groups_each_way_of_sending_by_every_method(tmp_path: Path, capsys) -> None:
+    from datetime import datetime
+
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    from app.sightings import Sighting, averaged_out
+    from bench import linkage
+    from models import ModelConfig, build_extractor, save_weights
+
+    root = tmp_path / "data"
+    (root / "val").mkdir(parents=True)
+    rows, rng = ["path,pid,camid,split"], np.random.default_rng(0)
+    for pid in range(4):
+        for camid in (0, 1):
+            for shot in range(2):
+                name = f"val/{pid:04d}_{camid}{shot}.png"
+                Image.fromarray(rng.integers(0, 256, (96, 48, 3), dtype=np.uint8)).save(root / name)
+                rows.append(f"{name},{pid},{camid},val")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    config = ModelConfig(backbone="resnet18", feat_dim=16, input_height=64, input_width=32)
+    weights = save_weights(tmp_path / "w.safetensors", build_extractor(config).eval())
+
+    argv = ["--weights", str(weights), "--root", str(root), "--no-append"]
+    with pytest.raises(SystemExit) as refused:  # untrained weights carry no threshold to join under
+        linkage.main(argv)
+    assert refused.value.code == 2
+    assert "carries no calibrated threshold: give --threshold" in capsys.readouterr().err
+    assert linkage.main([*argv, "--threshold", "1e-6"]) == 0
+    out = capsys.readouterr().out
+    # Under a threshold nothing reaches, every thresholded method leaves each unit alone: 16 crops, or 8 tracklets
+    # of 2 crops (a person's shots from one camera), which hold 2 of each person's 6 true pairs.
+    for eps in linkage.EPS_SWEEP:
+        for method in (f"components (the service), eps {eps}", f"DBSCAN min_samples 3, eps {eps}"):
+            assert f"| crops | {method} | 1.00 | 0 | " in out and "| 16 (4) |" in out
+            assert f"| tracklets | {method} | 1.00 | 0.333 | " in out and "| 8 (4) |" in out
+    assert out.count("| crops | HDBSCAN") == out.count("| tracklets | HDBSCAN") == 6
+
+    # A tracklet's averaged-out spread is the service's own.
+    templates = rng.normal(size=(16, 16)).astype(np.float32)
+    lost = linkage.spread_lost(templates, [[0], [1, 2, 3]])
+    seen = [Sighting("c1", datetime(2026, 3, 1)) for _ in range(3)]
+    assert lost[0] == 0.0 and lost[1] == pytest.approx(averaged_out(templates[1:4].astype(np.float64), seen, "mean"))
