@@ -147,6 +147,12 @@ class Settings(BaseSettings):
     track_gap_s: float = Field(
         600.0, gt=0, description="a sighting's track continues an earlier one of its camera this recently seen (s)"
     )
+    transit_table: Path | None = Field(
+        None,
+        description="a CSV file of camera_a,camera_b,min_seconds rows: the least time anyone takes between two "
+        "cameras; sightings at both closer in time than that are two people, online and in re-grouping "
+        "(app/transit.py); unset: no such constraint",
+    )
     regroup_interval_s: float = Field(
         3600.0, ge=0, description="re-group all sightings this often (s), repairing the online joins; 0 = never"
     )

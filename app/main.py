@@ -27,6 +27,7 @@ from app.faults import WriteBusy, fatal_reason
 from app.gallery import Gallery
 from app.regroup import regroup
 from app.sightings import join_threshold
+from app.transit import TransitTable
 from app.ui import install_ui
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ def create_app(settings: Settings | None = None, entry_point: bool = False) -> F
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         try:
+            if settings.transit_table is not None:
+                state.transit = TransitTable.load(settings.transit_table)
             embedder = await run_in_threadpool(Embedder.from_settings, settings)
         except (FileNotFoundError, ValueError) as exc:  # a setting names a missing file, a bad one, no CUDA
             if entry_point:
@@ -124,6 +127,7 @@ def create_app(settings: Settings | None = None, entry_point: bool = False) -> F
                         threshold,
                         settings.regroup_eps,
                         correct_averaging=settings.tracklet_spread_correction,
+                        transit=state.transit,
                     )
                 except Exception:  # the next run tries again; a failed database is the worker's to report
                     logger.exception("re-grouping failed (threshold %g from %s)", threshold, source)

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from app.db import PERSON_MERGED, PERSON_PROVISIONAL, REGROUP_LOCK, Entry, PeopleApart, Person
 from app.gallery import Gallery
 from app.sightings import unnamed_label
+from app.transit import Span, TransitTable
 from models.clustering import camera_centred, constrained_groups, jaccard_pairs, pair_distances
 
 logger = logging.getLogger(__name__)
@@ -183,6 +184,16 @@ def _overlapping_tracks(units: list[Unit]) -> list[tuple[int, int]]:
     return pairs
 
 
+def _too_soon(units: list[Unit], transit: TransitTable | None) -> list[tuple[int, int]]:
+    """Pairs of free units (tracks, lone crops) seen at two cameras closer in time than the transit table allows.
+    A fixed unit's span runs from its person's first sighting to the last: not a time it was anywhere."""
+    if transit is None or not transit.least:
+        return []
+    free = [i for i, u in enumerate(units) if u.identity is None and u.start is not None and u.end is not None]
+    spans = [Span(units[i].camera, units[i].start, units[i].end) for i in free]  # type: ignore[arg-type]
+    return [(free[a], free[b]) for a, b in transit.conflicts(spans)]
+
+
 def _apart(session: Session, people: dict[int, Person], units: list[Unit]) -> list[tuple[int, int]]:
     """Unit pairs an operator split apart (each person resolved through its merges)."""
     unit_of_person = {u.person: i for i, u in enumerate(units) if u.person is not None}
@@ -230,28 +241,37 @@ def regroup(
     eps: float = REGROUP_EPS,
     neighbours: int = NEIGHBOURS,
     correct_averaging: bool = True,
+    transit: TransitTable | None = None,
 ) -> Regrouped:
     """Re-group every sighting (see the module's docstring); what it did. With replicas on PostgreSQL one runs at
     a time (an advisory lock; the others skip); on SQLite the service is the only writer. ``correct_averaging``
     (REID_TRACKLET_SPREAD_CORRECTION): each unit's mean gets back what averaging its crops took out before the
     threshold, as online (on CUHK03 val tracklets, pair precision 0.42 -> 0.57 at recall 0.64 -> 0.61;
-    docs/RESULTS.md)."""
+    docs/RESULTS.md). ``transit``: tracks and lone crops seen at two cameras closer in time than anyone walks
+    between them are never one group (a named or reviewed person's sightings are the operator's)."""
     with contextlib.ExitStack() as stack:
         if gallery.postgres:
             connection = stack.enter_context(gallery.engine.connect())
             if not connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": REGROUP_LOCK}).scalar():
                 return Regrouped(0, 0, 0, 0, 0, 0.0, "another replica is re-grouping")
             stack.callback(connection.execute, text("SELECT pg_advisory_unlock(:key)"), {"key": REGROUP_LOCK})
-        return _regroup(gallery, threshold, eps, neighbours, correct_averaging)
+        return _regroup(gallery, threshold, eps, neighbours, correct_averaging, transit)
 
 
-def _regroup(gallery: Gallery, threshold: float, eps: float, neighbours: int, correct_averaging: bool) -> Regrouped:
+def _regroup(
+    gallery: Gallery,
+    threshold: float,
+    eps: float,
+    neighbours: int,
+    correct_averaging: bool,
+    transit: TransitTable | None,
+) -> Regrouped:
     began = time.monotonic()
     with gallery.sessions() as session:
         people = _people(session)
         stamp = session.scalar(select(func.max(Person.updated_at)))
         units = read_units(session, people)
-        cannot = _overlapping_tracks(units) + _apart(session, people, units)
+        cannot = _overlapping_tracks(units) + _apart(session, people, units) + _too_soon(units, transit)
     if not units:
         return Regrouped(0, 0, 0, 0, 0, time.monotonic() - began)
     templates = np.stack([u.total / len(u.entries) for u in units]).astype(np.float32)

@@ -8,7 +8,8 @@ and joins, in this order:
    ``track_gap_s`` (the crops of one track are one person, whichever request brought them);
 2. the nearest identity under the join threshold, or provisional person under the stricter provisional one,
    among the gallery's nearest entries and the request's earlier tracklets, unless that person has another track
-   on the same camera overlapping this one in time (two tracks at once on one camera are two people);
+   on the same camera overlapping this one in time (two tracks at once on one camera are two people) or was
+   seen at another camera more recently than the transit table (``app.transit``) allows;
 3. else a new provisional person.
 
 The cost of a join is one batched FAISS search and a few indexed SQL reads, never O(gallery). Joins are decided
@@ -32,6 +33,7 @@ from app.config import Settings
 from app.db import PERSON_MERGED, PERSON_NAMED, UNNAMED_PREFIX, Entry, Person
 from app.gallery import BeforeInsert, Gallery, NewEntry, StoredCrop
 from app.search import weights_threshold
+from app.transit import Span, TransitTable
 
 JOIN_CANDIDATES = 20  # nearest entries looked at per tracklet: the nearest identities, not the nearest crops
 Aggregation = Literal["mean", "quality"]
@@ -204,11 +206,13 @@ def plan(
     track_gap: timedelta,
     provisional: float | None = None,
     averaged: Sequence[float] | None = None,
+    transit: TransitTable | None = None,
 ) -> list[Decision]:
     """Decide where each tracklet goes (reads only; the write is ``commit``). With no threshold nothing is
     matched by appearance: each tracklet continues its track or starts a person. ``provisional`` (default:
     ``threshold``) bounds the joins of provisional people (``provisional_threshold``). ``averaged``: each
-    template's ``averaged_out`` squared distance, added back to the distances compared with the thresholds."""
+    template's ``averaged_out`` squared distance, added back to the distances compared with the thresholds.
+    ``transit``: no tracklet joins someone seen at another camera more recently than anyone walks from there."""
     lost = list(averaged) if averaged is not None else [0.0] * len(tracklets)
     if provisional is None:
         provisional = threshold
@@ -244,6 +248,8 @@ def plan(
                 for s, (earlier_tracklet, earlier_decision) in enumerate(zip(tracklets, decisions, strict=False)):
                     if _overlaps(earlier_tracklet, tracklet):
                         continue  # two tracks at once on one camera: two people
+                    if _too_soon_in_request(tracklets, decisions, earlier_decision, tracklet, transit):
+                        continue
                     distance = math.sqrt(float(((templates[s] - templates[t]) ** 2).sum()) + lost[s] + lost[t])
                     candidates.append(
                         (distance, earlier_decision.identity, earlier_decision.person_id, earlier_decision.new_person)
@@ -255,7 +261,9 @@ def plan(
                     break
                 if provisional is not None and distance > provisional and is_provisional(identity):
                     continue  # a named identity farther away may still be under the join threshold
-                if identity is not None and _conflicts(session, identity, tracklet):
+                if identity is not None and (
+                    _conflicts(session, identity, tracklet) or _seen_too_soon(session, identity, tracklet, transit)
+                ):
                     continue
                 decision = Decision("match", identity, person_id, new_person, distance)
                 break
@@ -268,6 +276,45 @@ def plan(
 
 def _overlaps(a: Tracklet, b: Tracklet) -> bool:
     return a.camera == b.camera and a.track != b.track and a.start <= b.end and b.start <= a.end
+
+
+def _span(tracklet: Tracklet) -> Span:
+    return Span(tracklet.camera, tracklet.start, tracklet.end)
+
+
+def _too_soon_in_request(
+    tracklets: Sequence[Tracklet],
+    decisions: Sequence[Decision],
+    target: Decision,
+    tracklet: Tracklet,
+    transit: TransitTable | None,
+) -> bool:
+    """A tracklet of this request already gone to ``target``'s person was seen too recently at another camera."""
+    if transit is None:
+        return False
+    return any(
+        transit.too_soon(_span(tracklets[u]), _span(tracklet))
+        for u, decision in enumerate(decisions)
+        if (decision.identity, decision.new_person) == (target.identity, target.new_person)
+    )
+
+
+def _seen_too_soon(session: Session, identity: str, tracklet: Tracklet, transit: TransitTable | None) -> bool:
+    """``identity`` was seen at another camera more recently than anyone walks from there to the tracklet's."""
+    near = transit.least_from(tracklet.camera) if transit is not None else {}
+    if not near:
+        return False
+    assert transit is not None
+    widest = max(near.values())
+    rows = session.execute(
+        select(Entry.camera, Entry.captured_at).where(
+            Entry.identity == identity,
+            Entry.camera.in_(sorted(near)),
+            Entry.captured_at >= tracklet.start - widest,
+            Entry.captured_at <= tracklet.end + widest,
+        )
+    )
+    return any(transit.too_soon(_span(tracklet), Span(camera, at, at)) for camera, at in rows)
 
 
 def new_entries(
@@ -339,6 +386,7 @@ def enroll(
     *,
     provisional: float | None = None,
     correct_averaging: bool = True,
+    transit: TransitTable | None = None,
     idempotency_key: str | None = None,
     request_sha256: str = "",
     answer: Callable[[list[Tracklet], list[Decision]], str] | None = None,
@@ -351,7 +399,7 @@ def enroll(
     templates = np.stack([template(v, s, aggregation) for v, s in members]).astype(np.float32)
     averaged = [averaged_out(v, s, aggregation) for v, s in members] if correct_averaging else None
     try:
-        decisions = plan(gallery, tracklets, templates, threshold, track_gap, provisional, averaged)
+        decisions = plan(gallery, tracklets, templates, threshold, track_gap, provisional, averaged, transit)
     except BaseException:  # e.g. the index resyncing: the crops are not enrolled
         gallery.release_crops(crops)
         raise

@@ -25,6 +25,7 @@ from app.errors import ApiError
 from app.events import Events
 from app.gallery import Gallery, StoredCrop
 from app.images import Upload, read_images
+from app.transit import TransitTable
 
 API_KEY_HEADER = "X-API-Key"
 api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="REID_API_KEY, when it is set")
@@ -59,6 +60,7 @@ class State:
     embedder: Embedder | None = None
     gallery: Gallery | None = None
     events: Events | None = None  # person.seen events (app/events), once started
+    transit: TransitTable | None = None  # REID_TRANSIT_TABLE, read at start-up
     ready: bool = False
     fatal: str | None = None  # why this process can no longer serve (a failed database): liveness fails
     metrics: Metrics = field(default_factory=Metrics)

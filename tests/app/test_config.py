@@ -161,3 +161,19 @@ def test_the_real_process_exits_with_the_sentence_and_no_traceback(tmp_path: Pat
     assert out.returncode == 1, out.stderr
     assert out.stderr.startswith("invalid REID_* settings, nothing started:") and said in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_malformed_transit_table_stops_the_start_naming_its_line(tmp_path: Path) -> None:
+    table = tmp_path / "transit.csv"
+    table.write_text("camera_a,camera_b,min_seconds\ngate,hall,90\nhall,lobby\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("REID_")}
+    env = {
+        "REID_DATA_DIR": str(tmp_path / "data"),
+        "REID_ALLOW_UNAUTHENTICATED": "true",
+        "REID_TRANSIT_TABLE": str(table),
+    }
+    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", "1"]  # refused before any port is opened
+    out = subprocess.run(command, cwd=REPO_ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert f"start-up failed: transit table {table}, line 3: expected 3 values" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

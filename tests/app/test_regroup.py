@@ -19,6 +19,7 @@ from app.gallery import Gallery
 from app.reembed import one_run
 from app.regroup import REGROUP_EPS, link, regroup
 from app.sightings import Sighting
+from app.transit import TransitTable
 
 DIM = 4
 THRESHOLD = 1.0
@@ -186,3 +187,43 @@ def test_look_alikes_under_the_threshold_do_not_chain_strangers_into_one_person(
     assert precision < 0.2 and recall == 1.0
     precision, recall = pair_precision_recall(link(x, cameras, 10.0, eps=REGROUP_EPS))
     assert precision > 0.95 and recall > 0.5, (precision, recall)
+
+
+def transit_table(tmp_path: Path, text: str) -> TransitTable:
+    path = tmp_path / "transit.csv"
+    path.write_text(text)
+    return TransitTable.load(path)
+
+
+def test_a_sighting_does_not_join_someone_seen_too_recently_at_another_camera(gallery: Gallery, tmp_path: Path) -> None:
+    transit = transit_table(tmp_path, "camera_a,camera_b,min_seconds\nc1,c2,300\n")
+
+    def sighted(camera: str, minutes: float, x: float) -> int | None:
+        crops = gallery.hold_crops([crop(int(minutes * 10))])
+        _, [decision], _ = sightings.enroll(
+            gallery,
+            [sightings.Sighting(camera, T0 + timedelta(minutes=minutes))],
+            crops,
+            np.array([[x, 0, 0, 0]], np.float32),
+            THRESHOLD,
+            "mean",
+            timedelta(seconds=1),
+            transit=transit,
+        )
+        return decision.person_id
+
+    first = sighted("c1", 0, 0.0)
+    assert sighted("c2", 2, 0.1) != first  # two minutes later, five minutes' walk away: someone else, however alike
+    assert sighted("c2", 6, -0.1) == first  # six minutes later: time enough to walk there
+    assert sighted("c3", 0.5, -0.05) == first  # c3 is in no row: not constrained
+
+
+def test_regrouping_keeps_apart_what_the_table_forbids(gallery: Gallery, tmp_path: Path) -> None:
+    [a] = send(gallery, [("c1", "1", 0, [0.0])])
+    [b] = send(gallery, [("c2", "2", 1, [0.1])])  # one minute later, online without a table: joined
+    assert a == b
+    assert regroup(gallery, THRESHOLD).moved == 0
+    transit = transit_table(tmp_path, "camera_a,camera_b,min_seconds\nc1,c2,300\n")
+    done = regroup(gallery, THRESHOLD, transit=transit)
+    assert done.moved == 1 and done.new_people == 1
+    assert person_of(gallery, a).sightings == 1

@@ -113,6 +113,7 @@ async def regroup_people(state: ReadyDep) -> RegroupOut:
         threshold,
         state.settings.regroup_eps,
         correct_averaging=state.settings.tracklet_spread_correction,
+        transit=state.transit,
     )
     return RegroupOut(threshold=threshold, **dataclasses.asdict(done))
 

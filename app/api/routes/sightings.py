@@ -142,6 +142,7 @@ async def enroll_sightings(
         timedelta(seconds=settings.track_gap_s),
         provisional=provisional,
         correct_averaging=settings.tracklet_spread_correction,
+        transit=state.transit,
         idempotency_key=idempotency_key,
         request_sha256=fingerprint,
         answer=lambda t, d: json.dumps(result(t, d, threshold, source, provisional).model_dump(mode="json")),
