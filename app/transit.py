@@ -83,17 +83,20 @@ class TransitTable:
         pairs: list[tuple[int, int]] = []
         for (a, b), gap in self.least.items():
             if a < b and a in by_camera and b in by_camera:
-                pairs.extend(_sweep([spans[i] for i in by_camera[a]], by_camera[a], spans, by_camera[b], gap))
+                pairs.extend(_sweep(spans, by_camera[a], by_camera[b], gap))
         return pairs
 
 
 def _sweep(
-    ones: list[Span], one_ids: list[int], spans: Sequence[Span], other_ids: list[int], gap: timedelta
+    spans: Sequence[Span], one_ids: list[int], other_ids: list[int], gap: timedelta
 ) -> Iterator[tuple[int, int]]:
+    """Pairs (i, j), i < j, of one camera's spans and the other's closer than ``gap``: the other's in order of their
+    start, each of the first camera's looking only at those that start within reach of it."""
     others = sorted(other_ids, key=lambda i: spans[i].start)
     starts = np.array([spans[i].start.timestamp() for i in others])
     longest = max((spans[i].end - spans[i].start).total_seconds() for i in others)
-    for one, i in zip(ones, one_ids, strict=True):
+    for i in one_ids:
+        one = spans[i]
         lo = np.searchsorted(starts, one.start.timestamp() - gap.total_seconds() - longest, side="left")
         hi = np.searchsorted(starts, one.end.timestamp() + gap.total_seconds(), side="left")
         for j in others[lo:hi]:

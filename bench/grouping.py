@@ -163,7 +163,7 @@ def service_regroups(sizes: list[int], per_person: int, dim: int, spread: float,
             with PeakMemory() as peak:
                 result = regroup(gallery, threshold)
             with Session(engine) as session:
-                grouped = dict(session.execute(select(Entry.id, Entry.person_id)).tuples().all())
+                grouped = {entry: person for entry, person in session.execute(select(Entry.id, Entry.person_id))}
             gallery.close()
             engine.dispose()
         labels = np.array([grouped[i] for i in sorted(grouped)])  # entry ids follow the enrolment order
