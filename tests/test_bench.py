@@ -155,17 +155,17 @@ def test_parity_noise_bench_moves_templates_to_the_cosine_asked_and_reports_the_
         parity_noise.main(["--weights", str(weights), "--crops", str(crops), "--cosines", "a,b"])
 
 
-def test_ingest_bench_sends_each_persons_track_from_every_camera_and_scores_the_people(tmp_path: Path, capsys) -> None:
+def synthetic_val_set(tmp_path: Path, cameras_of: dict[int, tuple[int, ...]]) -> tuple[Path, Path]:
+    """(a data set root whose manifest lists 2 random crops per person and camera as val, tiny untrained weights)."""
     import numpy as np
     from PIL import Image
 
-    from bench import ingest
     from models import ModelConfig, build_extractor, save_weights
 
     root = tmp_path / "data"
     (root / "val").mkdir(parents=True)
     rows, rng = ["path,pid,camid,split"], np.random.default_rng(0)
-    for pid, cameras in ((0, (0, 1)), (1, (0, 1)), (2, (0, 1)), (3, (0,))):  # person 3 is seen by one camera only
+    for pid, cameras in cameras_of.items():
         for camid in cameras:
             for shot in range(2):
                 name = f"val/{pid:04d}_{camid}{shot}.png"
@@ -173,7 +173,14 @@ def test_ingest_bench_sends_each_persons_track_from_every_camera_and_scores_the_
                 rows.append(f"{name},{pid},{camid},val")
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")
     config = ModelConfig(backbone="resnet18", feat_dim=16, input_height=64, input_width=32)
-    weights = save_weights(tmp_path / "w.safetensors", build_extractor(config).eval())
+    return root, save_weights(tmp_path / "w.safetensors", build_extractor(config).eval())
+
+
+def test_ingest_bench_sends_each_persons_track_from_every_camera_and_scores_the_people(tmp_path: Path, capsys) -> None:
+    from bench import ingest
+
+    # Person 3 is seen by one camera only.
+    root, weights = synthetic_val_set(tmp_path, {0: (0, 1), 1: (0, 1), 2: (0, 1), 3: (0,)})
 
     argv = ["--weights", str(weights), "--root", str(root), "--best-k", "2", "--join-threshold", "1e-6"]
     assert ingest.main([*argv, "--no-append"]) == 0
@@ -192,24 +199,11 @@ def test_linkage_bench_groups_each_way_of_sending_by_every_method(tmp_path: Path
 
     import numpy as np
     import pytest
-    from PIL import Image
 
     from app.sightings import Sighting, averaged_out
     from bench import linkage
-    from models import ModelConfig, build_extractor, save_weights
 
-    root = tmp_path / "data"
-    (root / "val").mkdir(parents=True)
-    rows, rng = ["path,pid,camid,split"], np.random.default_rng(0)
-    for pid in range(4):
-        for camid in (0, 1):
-            for shot in range(2):
-                name = f"val/{pid:04d}_{camid}{shot}.png"
-                Image.fromarray(rng.integers(0, 256, (96, 48, 3), dtype=np.uint8)).save(root / name)
-                rows.append(f"{name},{pid},{camid},val")
-    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
-    config = ModelConfig(backbone="resnet18", feat_dim=16, input_height=64, input_width=32)
-    weights = save_weights(tmp_path / "w.safetensors", build_extractor(config).eval())
+    root, weights = synthetic_val_set(tmp_path, {pid: (0, 1) for pid in range(4)})
 
     argv = ["--weights", str(weights), "--root", str(root), "--no-append"]
     with pytest.raises(SystemExit) as refused:  # untrained weights carry no threshold to join under
@@ -227,7 +221,7 @@ def test_linkage_bench_groups_each_way_of_sending_by_every_method(tmp_path: Path
     assert out.count("| crops | HDBSCAN") == out.count("| tracklets | HDBSCAN") == 6
 
     # A tracklet's averaged-out spread is the service's own.
-    templates = rng.normal(size=(16, 16)).astype(np.float32)
+    templates = np.random.default_rng(0).normal(size=(16, 16)).astype(np.float32)
     lost = linkage.spread_lost(templates, [[0], [1, 2, 3]])
     seen = [Sighting("c1", datetime(2026, 3, 1)) for _ in range(3)]
     assert lost[0] == 0.0 and lost[1] == pytest.approx(averaged_out(templates[1:4].astype(np.float64), seen, "mean"))
