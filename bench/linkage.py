@@ -9,7 +9,9 @@ with a shorter query expansion.
 The val crops are embedded once by the service's own embedder (fp32 PyTorch, as served) and grouped offline:
 every crop alone (``crops``), and each person's shots from one camera as one unit, its template the mean of its
 crops' (``tracklets``). Scored as bench.sightings scores the service (pairwise and BCubed; people found against
-the true number). Each camera's mean is taken out first, as the service does.
+the true number). Each camera's mean is taken out first, as the service does. For tracklets, the service's
+components also run with each mean's averaged-out spread added back before the threshold (as the service now
+does), and so do the shorter query expansion's rows; DBSCAN, average linkage and HDBSCAN take the means as they are.
 
 HDBSCAN and average linkage need every pair's distance: here the dense Jaccard matrix of up to a few thousand
 units (``models.clustering.jaccard_distance``), which the service could not hold at 1e5 sightings.
