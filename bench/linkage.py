@@ -33,6 +33,7 @@ from app.config import Settings
 from app.embedder import Embedder
 from app.regroup import CENTRING_MIN_UNITS, JACCARD_K2, NEIGHBOURS, knn_graph, link
 from app.search import weights_threshold
+from app.sightings import averaged_out
 from bench.common import Table, add_common_args, report, require_weights_and_manifest, setup
 from bench.sightings import SHARED_CUHK03, scores, val_rows
 from models.clustering import camera_centred, jaccard_distance, jaccard_pairs, noise_alone, pair_distances
@@ -86,13 +87,8 @@ def _dense_jaccard(templates: np.ndarray, cameras: list, threshold: float) -> np
 
 
 def spread_lost(templates: np.ndarray, members: list[list[int]]) -> np.ndarray:
-    """Per unit, the squared distance its mean lost to averaging (``app.sightings.averaged_out``, for a mean)."""
-    out = np.zeros(len(members))
-    for u, m in enumerate(members):
-        if len(m) > 1:
-            v = templates[m].astype(np.float64)
-            out[u] = ((v - v.mean(axis=0)) ** 2).sum() / (len(m) - 1) * (1.0 - 1.0 / len(m))
-    return out
+    """Per unit, the squared distance its mean lost to averaging: the service's ``averaged_out`` for a mean."""
+    return np.array([averaged_out(templates[m].astype(np.float64), (), "mean") for m in members])
 
 
 def groupings(

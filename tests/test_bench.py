@@ -195,12 +195,8 @@ def test_ingest_bench_sends_each_persons_track_from_every_camera_and_scores_the_
 
 
 def test_linkage_bench_groups_each_way_of_sending_by_every_method(tmp_path: Path, capsys) -> None:
-    from datetime import datetime
-
-    import numpy as np
     import pytest
 
-    from app.sightings import Sighting, averaged_out
     from bench import linkage
 
     root, weights = synthetic_val_set(tmp_path, {pid: (0, 1) for pid in range(4)})
@@ -219,9 +215,3 @@ def test_linkage_bench_groups_each_way_of_sending_by_every_method(tmp_path: Path
             assert f"| crops | {method} | 1.00 | 0 | " in out and "| 16 (4) |" in out
             assert f"| tracklets | {method} | 1.00 | 0.333 | " in out and "| 8 (4) |" in out
     assert out.count("| crops | HDBSCAN") == out.count("| tracklets | HDBSCAN") == 6
-
-    # A tracklet's averaged-out spread is the service's own.
-    templates = np.random.default_rng(0).normal(size=(16, 16)).astype(np.float32)
-    lost = linkage.spread_lost(templates, [[0], [1, 2, 3]])
-    seen = [Sighting("c1", datetime(2026, 3, 1)) for _ in range(3)]
-    assert lost[0] == 0.0 and lost[1] == pytest.approx(averaged_out(templates[1:4].astype(np.float64), seen, "mean"))
