@@ -157,11 +157,19 @@ class Settings(BaseSettings):
         3600.0, ge=0, description="re-group all sightings this often (s), repairing the online joins; 0 = never"
     )
     regroup_eps: float = Field(
-        0.4,
+        0.5,
         gt=0,
         le=1,
         description="re-grouping links two units only within this k-reciprocal Jaccard distance (and under the join "
         "threshold): lower = fewer strangers put together, more people split",
+    )
+    regroup_query_expansion: int = Field(
+        2,
+        ge=1,
+        le=11,  # app.regroup.NEIGHBOURS + 1: the expansion draws on a unit's own neighbours only
+        description="the k2 of re-grouping's Jaccard distance: each unit's neighbourhood is averaged with that of "
+        "its k2 - 1 nearest units (Zhong et al.'s is 6; 2 groups better where people are seen a few times, "
+        "docs/RESULTS.md); 1 = none",
     )
     # Events (app/events): a named or watched person seen by POST /sightings, told to a webhook and/or MQTT.
     webhook_url: str | None = Field(

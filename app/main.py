@@ -128,6 +128,7 @@ def create_app(settings: Settings | None = None, entry_point: bool = False) -> F
                         settings.regroup_eps,
                         correct_averaging=settings.tracklet_spread_correction,
                         transit=state.transit,
+                        k2=settings.regroup_query_expansion,
                     )
                 except Exception:  # the next run tries again; a failed database is the worker's to report
                     logger.exception("re-grouping failed (threshold %g from %s)", threshold, source)

@@ -38,15 +38,20 @@ from app.db import PERSON_MERGED, PERSON_PROVISIONAL, REGROUP_LOCK, Entry, Peopl
 from app.gallery import Gallery
 from app.sightings import unnamed_label
 from app.transit import Span, TransitTable
-from models.clustering import camera_centred, constrained_groups, jaccard_pairs, pair_distances
+from models.clustering import camera_centred, constrained_groups, jaccard_pairs, knn_pairs, pair_distances
 
 logger = logging.getLogger(__name__)
 
 NEIGHBOURS = 10  # k1 of the k-reciprocal Jaccard distance: a person seen in about this many units or fewer
-JACCARD_K2 = 6  # Zhong et al.'s local query expansion
-# Jaccard distance under which two units link, chosen on CUHK03 val (pair precision 0.89 at recall 0.59, crops one
-# by one, the strong weights; docs/RESULTS.md). REID_REGROUP_EPS.
-REGROUP_EPS = 0.4
+# The Jaccard distance's local query expansion (REID_REGROUP_QUERY_EXPANSION): each unit's neighbourhood is
+# averaged with its nearest unit's. Zhong et al.'s 6 averages in strangers when a person is seen in fewer units than
+# that (two tracks, a few crops); with 2, two units that are each other's nearest share one neighbourhood (distance
+# 0, FINCH's first-neighbour link, still under the join threshold). It gave more precision at every recall than 6,
+# 3 and 1, on CUHK03 val and on cuhk01-site, crops and tracklets (docs/RESULTS.md, bench.linkage).
+JACCARD_K2 = 2
+# Jaccard distance under which two units link, chosen on CUHK03 val with k2 2 (pair precision 0.915 at recall
+# 0.626, crops one by one, the strong weights; docs/RESULTS.md). REID_REGROUP_EPS.
+REGROUP_EPS = 0.5
 CENTRING_MIN_UNITS = 20  # a camera with fewer units is centred on the gallery's mean, not its own
 EXACT_KNN_MAX = 20_000
 IVF_PROBE = 16  # units looked at per unit: a person seen in more tracks than this chains through its neighbours
@@ -221,18 +226,30 @@ def link(
 
     Why both: a threshold alone chains strangers through their near look-alikes once a gallery holds many people
     (on CUHK03 val, 938 crops at the FMR 1e-2 threshold became one group: pair precision 0.01); sharing most of
-    their nearest neighbours is what two crops of one person do and two look-alikes do not. In a gallery smaller
-    than the neighbourhoods every unit shares them, and the threshold decides as before.
+    their nearest neighbours is what two crops of one person do and two look-alikes do not. In a gallery no larger
+    than a neighbourhood every unit is in every other's, sharing them tells nothing, and the threshold decides.
 
     ``averaged_out``: per unit, the squared distance its mean template lost to averaging its crops
     (``app.sightings.averaged_out``), added back before the threshold as ``POST /sightings`` does online."""
+    n = len(templates)
     x = camera_centred(templates, np.array([c or "" for c in cameras]), min_rows=CENTRING_MIN_UNITS)
-    pairs, jaccard = jaccard_pairs(x, knn_graph(x, neighbours + 1), neighbours, k2)
-    l2 = pair_distances(templates, pairs)
-    if averaged_out is not None:
-        l2 = np.sqrt(l2**2 + averaged_out[pairs[:, 0]] + averaged_out[pairs[:, 1]])
+    graph = knn_graph(x, neighbours + 1)
+
+    def l2_of(pairs: np.ndarray) -> np.ndarray:
+        l2 = pair_distances(templates, pairs)
+        if averaged_out is None:
+            return l2
+        return np.sqrt(l2**2 + averaged_out[pairs[:, 0]] + averaged_out[pairs[:, 1]])
+
+    if n <= neighbours + 1:  # every pair, nearest first
+        pairs = knn_pairs(graph)
+        l2 = l2_of(pairs)
+        keep = l2 <= threshold
+        return constrained_groups(n, pairs[keep], l2[keep] / threshold, 1.0, (), cannot or [])
+    pairs, jaccard = jaccard_pairs(x, graph, neighbours, k2)
+    l2 = l2_of(pairs)
     keep = (jaccard <= eps) & (l2 <= threshold)
-    return constrained_groups(len(templates), pairs[keep], jaccard[keep].astype(np.float64), eps, (), cannot or [])
+    return constrained_groups(n, pairs[keep], jaccard[keep].astype(np.float64), eps, (), cannot or [])
 
 
 def regroup(
@@ -242,20 +259,22 @@ def regroup(
     neighbours: int = NEIGHBOURS,
     correct_averaging: bool = True,
     transit: TransitTable | None = None,
+    k2: int = JACCARD_K2,
 ) -> Regrouped:
     """Re-group every sighting (see the module's docstring); what it did. With replicas on PostgreSQL one runs at
     a time (an advisory lock; the others skip); on SQLite the service is the only writer. ``correct_averaging``
     (REID_TRACKLET_SPREAD_CORRECTION): each unit's mean gets back what averaging its crops took out before the
     threshold, as online (on CUHK03 val tracklets, pair precision 0.42 -> 0.57 at recall 0.64 -> 0.61;
     docs/RESULTS.md). ``transit``: tracks and lone crops seen at two cameras closer in time than anyone walks
-    between them are never one group (a named or reviewed person's sightings are the operator's)."""
+    between them are never one group (a named or reviewed person's sightings are the operator's). ``k2``: the
+    Jaccard distance's query expansion (REID_REGROUP_QUERY_EXPANSION)."""
     with contextlib.ExitStack() as stack:
         if gallery.postgres:
             connection = stack.enter_context(gallery.engine.connect())
             if not connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": REGROUP_LOCK}).scalar():
                 return Regrouped(0, 0, 0, 0, 0, 0.0, "another replica is re-grouping")
             stack.callback(connection.execute, text("SELECT pg_advisory_unlock(:key)"), {"key": REGROUP_LOCK})
-        return _regroup(gallery, threshold, eps, neighbours, correct_averaging, transit)
+        return _regroup(gallery, threshold, eps, neighbours, correct_averaging, transit, k2)
 
 
 def _regroup(
@@ -265,6 +284,7 @@ def _regroup(
     neighbours: int,
     correct_averaging: bool,
     transit: TransitTable | None,
+    k2: int,
 ) -> Regrouped:
     began = time.monotonic()
     with gallery.sessions() as session:
@@ -276,7 +296,7 @@ def _regroup(
         return Regrouped(0, 0, 0, 0, 0, time.monotonic() - began)
     templates = np.stack([u.total / len(u.entries) for u in units]).astype(np.float32)
     lost = np.array([u.averaged_out() for u in units]) if correct_averaging else None
-    labels = link(templates, [u.camera for u in units], threshold, eps, neighbours, cannot, lost)
+    labels = link(templates, [u.camera for u in units], threshold, eps, neighbours, cannot, lost, k2)
     assignment = _assign(units, labels, templates)
     return _write(gallery, units, assignment, stamp, began, int(labels.max()) + 1)
 

@@ -1,7 +1,7 @@
 """Which linkage re-groups sightings best: the service's re-grouping (``app.regroup.link``: connected components of
 the kNN pairs within a k-reciprocal Jaccard eps and under the join threshold) against DBSCAN on the same pairs,
 HDBSCAN and average linkage on the same Jaccard distances, each over a sweep of its one setting; and the service's
-with a shorter query expansion.
+with other query expansions (the Jaccard distance's k2).
 
     python -m bench.linkage --weights runs/strong/model.safetensors
     python -m bench.linkage --weights runs/strong/model.safetensors --root ../shared/data/cuhk01-site
@@ -11,7 +11,7 @@ every crop alone (``crops``), and each person's shots from one camera as one uni
 crops' (``tracklets``). Scored as bench.sightings scores the service (pairwise and BCubed; people found against
 the true number). Each camera's mean is taken out first, as the service does. For tracklets, the service's
 components also run with each mean's averaged-out spread added back before the threshold (as the service now
-does), and so do the shorter query expansion's rows; DBSCAN, average linkage and HDBSCAN take the means as they are.
+does), and so do the other query expansions' rows; DBSCAN, average linkage and HDBSCAN take the means as they are.
 
 HDBSCAN and average linkage need every pair's distance: here the dense Jaccard matrix of up to a few thousand
 units (``models.clustering.jaccard_distance``), which the service could not hold at 1e5 sightings.
@@ -42,7 +42,8 @@ logger = logging.getLogger("bench.linkage")
 
 EPS_SWEEP = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
 HDBSCAN_MIN_SAMPLES = (1, 2, 3)
-QUERY_EXPANSION_PROBE = 3  # the Jaccard distance's k2 tried against the service's JACCARD_K2 (6, Zhong et al.'s)
+# The Jaccard distance's k2 tried against the service's JACCARD_K2 (2): none, 3, and Zhong et al.'s 6
+QUERY_EXPANSION_PROBES = (1, 3, 6)
 EMBED_BATCH = 64
 
 
@@ -113,9 +114,10 @@ def groupings(
             out[f"components, spread added back, eps {eps}"] = link(
                 templates, cameras, threshold, eps, averaged_out=lost
             )
-        out[f"components, query expansion {QUERY_EXPANSION_PROBE}, eps {eps}"] = link(
-            templates, cameras, threshold, eps, averaged_out=lost, k2=QUERY_EXPANSION_PROBE
-        )
+        for k2 in QUERY_EXPANSION_PROBES:
+            out[f"components, query expansion {k2}, eps {eps}"] = link(
+                templates, cameras, threshold, eps, averaged_out=lost, k2=k2
+            )
         keep = (jaccard <= eps) & (l2 <= threshold)
         p = pairs[keep]
         # Sparse precomputed DBSCAN counts only stored entries as neighbours: a Jaccard of 0 is stored as 1e-9.

@@ -17,9 +17,10 @@ from app import people, sightings
 from app.db import make_engine
 from app.gallery import Gallery
 from app.reembed import one_run
-from app.regroup import REGROUP_EPS, link, regroup
+from app.regroup import CENTRING_MIN_UNITS, JACCARD_K2, NEIGHBOURS, REGROUP_EPS, knn_graph, link, regroup
 from app.sightings import Sighting
 from app.transit import TransitTable
+from models.clustering import camera_centred, jaccard_pairs
 
 DIM = 4
 THRESHOLD = 1.0
@@ -79,6 +80,29 @@ def test_a_bridge_seen_later_merges_two_people_into_the_older_id(gallery: Galler
     assert regroup(gallery, THRESHOLD).moved == 0  # a second run has nothing to repair
 
 
+def test_a_person_seen_in_two_tracks_among_strangers_is_regrouped_whole(gallery: Gallery) -> None:
+    # Eight people (each at +-10 along an axis of their own), each seen once on c1 and once on c2: two units a
+    # person. Online each c2 track joins its c1 track; re-grouping keeps the eight. With the default query
+    # expansion (2) a person's two tracks share one neighbourhood and every stranger is farther; Zhong et al.'s 6
+    # averages each neighbourhood with strangers' until some strangers lie nearer than a person's own two tracks.
+    rng = np.random.default_rng(0)
+    centres = 10.0 * np.concatenate([np.eye(DIM), -np.eye(DIM)]).astype(np.float32)
+    found: dict[int, set[int]] = {}
+    templates, cameras = [], []
+    for n, (who, camera) in enumerate([(who, camera) for camera in ("c1", "c2") for who in range(len(centres))]):
+        track = centres[who] + rng.uniform(-0.3, 0.3, (2, DIM)).astype(np.float32)
+        found.setdefault(who, set()).update(send(gallery, [(camera, f"{camera}-{who}", n, list(track))]))
+        templates.append(track.mean(axis=0))
+        cameras.append(camera)
+    assert all(len(people) == 1 for people in found.values())
+    assert regroup(gallery, THRESHOLD).moved == 0
+    x = camera_centred(np.stack(templates), np.array(cameras), min_rows=CENTRING_MIN_UNITS)
+    for k2, separated in ((JACCARD_K2, True), (6, False)):
+        pairs, jaccard = jaccard_pairs(x, knn_graph(x, NEIGHBOURS + 1), NEIGHBOURS, k2)
+        same = pairs[:, 0] % len(centres) == pairs[:, 1] % len(centres)
+        assert (jaccard[same].max() < jaccard[~same].min()) == separated, (k2, jaccard[same], jaccard[~same].min())
+
+
 def test_a_reembed_run_does_not_hold_up_regrouping(gallery: Gallery) -> None:
     # On PostgreSQL each job takes its own advisory lock: the two once shared a key, so a re-grouping skipped
     # itself ("another replica is re-grouping") while a re-embed ran, and a re-embed refused while one re-grouped.
@@ -93,9 +117,7 @@ def test_a_reembed_run_does_not_hold_up_regrouping(gallery: Gallery) -> None:
 @pytest.mark.parametrize("order", [0, 1, 2])
 def test_online_joining_agrees_with_batch_grouping_on_separated_people(gallery: Gallery, order: int) -> None:
     # Four people (each along an axis of their own), each a two-crop track on c1, another on c2 and three crops
-    # without a track on c3, sent in a random order: online and batch find the same four people. (With fewer units
-    # a person than the Jaccard distance's query expansion, 6, its units share too few neighbours to link: two
-    # tracks of a person among a dozen units lay 0.41 to 0.57 apart, over REGROUP_EPS.)
+    # without a track on c3, sent in a random order: online and batch find the same four people.
     rng = np.random.default_rng(order)
     centres = 10.0 * np.eye(DIM, dtype=np.float32)
     units = [(who, cam) for who in range(4) for cam in ("c1", "c2", "c3", "c3", "c3")]

@@ -89,6 +89,21 @@ def test_jaccard_pairs_on_a_graph_found_elsewhere_are_the_distances_of_the_matri
     assert jaccard_pairs(x[:1], rank[:1, :1], k1=10)[0].shape == (0, 2)  # one row: no pair
 
 
+def test_with_a_query_expansion_of_2_mutual_first_neighbours_are_at_jaccard_distance_0() -> None:
+    # k2 2 averages each row's encoding with its nearest's: two rows that are each other's nearest get one and the
+    # same encoding (FINCH's first-neighbour link), however many strangers their wider neighbourhoods hold.
+    x, _ = _blobs(12, 8, spread=0.6, seed=4)
+    _, rank = knn(x, 11)
+    first = rank[:, 1]
+    mutual = np.flatnonzero(first[first] == np.arange(len(x)))
+    assert len(mutual) > 0
+    d = jaccard_distance(x, k1=10, k2=2)
+    np.testing.assert_allclose(d[mutual, first[mutual]], 0.0, atol=1e-6)
+    one_way = np.flatnonzero(first[first] != np.arange(len(x)))
+    assert (d[one_way, first[one_way]] > 0).all()
+    assert (jaccard_distance(x, k1=10, k2=6)[mutual, first[mutual]] > 0).any()  # not so with Zhong et al.'s 6
+
+
 def test_camera_centring_takes_out_each_cameras_shift() -> None:
     rng = np.random.default_rng(0)
     people = rng.normal(size=(20, 16))

@@ -114,6 +114,7 @@ async def regroup_people(state: ReadyDep) -> RegroupOut:
         state.settings.regroup_eps,
         correct_averaging=state.settings.tracklet_spread_correction,
         transit=state.transit,
+        k2=state.settings.regroup_query_expansion,
     )
     return RegroupOut(threshold=threshold, **dataclasses.asdict(done))
 
