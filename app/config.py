@@ -160,8 +160,15 @@ class Settings(BaseSettings):
         0.5,
         gt=0,
         le=1,
-        description="re-grouping links two units only within this k-reciprocal Jaccard distance (and under the join "
-        "threshold): lower = fewer strangers put together, more people split",
+        description="re-grouping links two lone crops only within this k-reciprocal Jaccard distance (and under the "
+        "join threshold): lower = fewer strangers put together, more people split",
+    )
+    regroup_track_eps: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="the same for a pair with a unit of several crops (a track, a person): a person seen in tracks "
+        "is a few units, linked mostly as each other's nearest, where one seen in crops is many",
     )
     regroup_query_expansion: int = Field(
         2,

@@ -25,7 +25,7 @@ from app.errors import install_error_handlers
 from app.events import Events
 from app.faults import WriteBusy, fatal_reason
 from app.gallery import Gallery
-from app.regroup import regroup
+from app.regroup import Linkage, regroup
 from app.sightings import join_threshold
 from app.transit import TransitTable
 from app.ui import install_ui
@@ -125,10 +125,9 @@ def create_app(settings: Settings | None = None, entry_point: bool = False) -> F
                         regroup,
                         gallery,
                         threshold,
-                        settings.regroup_eps,
+                        Linkage.from_settings(settings),
                         correct_averaging=settings.tracklet_spread_correction,
                         transit=state.transit,
-                        k2=settings.regroup_query_expansion,
                     )
                 except Exception:  # the next run tries again; a failed database is the worker's to report
                     logger.exception("re-grouping failed (threshold %g from %s)", threshold, source)

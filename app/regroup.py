@@ -5,9 +5,10 @@ The units it groups are the ones nothing may cut: a track (the crops of one trac
 crop sent without a track, and as fixed units every named person, every identity enrolled by name, every ignored
 person and every provisional person an operator's decision made (a merge's target, a split's halves). Each unit is
 one template, the mean of its crops'. ``link`` joins units along their k-nearest-neighbour graph (FAISS) where
-they share most of their neighbours (k-reciprocal Jaccard distance under REID_REGROUP_EPS, each camera's mean
-taken out first) and lie under the join threshold; ``models.clustering.constrained_groups`` never links two tracks
-seen at once on one camera, nor two people an operator split apart.
+they share most of their neighbours (k-reciprocal Jaccard distance under REID_REGROUP_EPS, or
+REID_REGROUP_TRACK_EPS where a unit holds several crops, each camera's mean taken out first) and lie under the
+join threshold; ``models.clustering.constrained_groups`` never links two tracks seen at once on one camera, nor two
+people an operator split apart.
 
 A group then becomes:
 - with one fixed unit: that unit's identity and person (a named person only gains sightings, never loses any);
@@ -34,6 +35,7 @@ import numpy as np
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
+from app.config import Settings
 from app.db import PERSON_MERGED, PERSON_PROVISIONAL, REGROUP_LOCK, Entry, PeopleApart, Person
 from app.gallery import Gallery
 from app.sightings import unnamed_label
@@ -49,14 +51,40 @@ NEIGHBOURS = 10  # k1 of the k-reciprocal Jaccard distance: a person seen in abo
 # 0, FINCH's first-neighbour link, still under the join threshold). It gave more precision at every recall than 6,
 # 3 and 1, on CUHK03 val and on cuhk01-site, crops and tracklets (docs/RESULTS.md, bench.linkage).
 JACCARD_K2 = 2
-# Jaccard distance under which two units link, chosen on CUHK03 val with k2 2 (pair precision 0.915 at recall
-# 0.626, crops one by one, the strong weights; docs/RESULTS.md). REID_REGROUP_EPS.
+# Jaccard distances under which two units link, chosen on CUHK03 val with k2 2 (docs/RESULTS.md): two lone crops
+# within 0.5 (REID_REGROUP_EPS; pair precision 0.915 at recall 0.626, crops one by one, the strong weights), a pair
+# with a unit of several crops (a track, a person) within 0.3 (REID_REGROUP_TRACK_EPS; BCubed F 0.856 against 0.803
+# at 0.5). A person seen in crops is many units, and the crops that are not each other's nearest still share part
+# of their neighbourhoods; a person seen in tracks is a few, linked mostly as first neighbours (distance 0 with k2
+# 2), and at 0.5 strangers' tracks join them: on cuhk01-site and the bench.ingest clip too, 0.3 gave tracks the
+# higher BCubed F.
 REGROUP_EPS = 0.5
+REGROUP_TRACK_EPS = 0.3
 CENTRING_MIN_UNITS = 20  # a camera with fewer units is centred on the gallery's mean, not its own
 EXACT_KNN_MAX = 20_000
 IVF_PROBE = 16  # units looked at per unit: a person seen in more tracks than this chains through its neighbours
 READ_BATCH = 5_000
 WRITE_BATCH = 5_000
+
+
+@dataclass(frozen=True)
+class Linkage:
+    """How re-grouping links two units (``link``): the k-reciprocal Jaccard distance's k1 and query expansion, and
+    the eps under which a pair links, by the kind of its units."""
+
+    eps: float = REGROUP_EPS  # two lone crops (units of one crop)
+    track_eps: float = REGROUP_TRACK_EPS  # a pair with a unit of several crops
+    k2: int = JACCARD_K2
+    neighbours: int = NEIGHBOURS
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Linkage:
+        return cls(settings.regroup_eps, settings.regroup_track_eps, settings.regroup_query_expansion)
+
+    @classmethod
+    def one_eps(cls, eps: float, **kwargs: int) -> Linkage:
+        """The same eps for every pair (bench sweeps)."""
+        return cls(eps, eps, **kwargs)
 
 
 @dataclass
@@ -214,15 +242,16 @@ def link(
     templates: np.ndarray,
     cameras: list[str | None],
     threshold: float,
-    eps: float,
-    neighbours: int = NEIGHBOURS,
+    linkage: Linkage = Linkage(),
     cannot: list[tuple[int, int]] | None = None,
     averaged_out: np.ndarray | None = None,
-    k2: int = JACCARD_K2,
+    several: np.ndarray | None = None,
 ) -> np.ndarray:
     """Group labels of unit templates: linked along their kNN graph where the two are both closer than the join
-    ``threshold`` (L2, the service's distance) and within ``eps`` in k-reciprocal Jaccard distance, computed
-    after each camera's mean template is taken out (``models.clustering``, as adaptation's pseudo-labels).
+    ``threshold`` (L2, the service's distance) and within ``linkage``'s eps in k-reciprocal Jaccard distance,
+    computed after each camera's mean template is taken out (``models.clustering``, as adaptation's pseudo-labels).
+    ``several``: per unit, whether it holds several crops; a pair with one such unit links within
+    ``linkage.track_eps`` (None: every pair within ``linkage.eps``).
 
     Why both: a threshold alone chains strangers through their near look-alikes once a gallery holds many people
     (on CUHK03 val, 938 crops at the FMR 1e-2 threshold became one group: pair precision 0.01); sharing most of
@@ -231,7 +260,7 @@ def link(
 
     ``averaged_out``: per unit, the squared distance its mean template lost to averaging its crops
     (``app.sightings.averaged_out``), added back before the threshold as ``POST /sightings`` does online."""
-    n = len(templates)
+    n, neighbours = len(templates), linkage.neighbours
     x = camera_centred(templates, np.array([c or "" for c in cameras]), min_rows=CENTRING_MIN_UNITS)
     graph = knn_graph(x, neighbours + 1)
 
@@ -246,45 +275,42 @@ def link(
         l2 = l2_of(pairs)
         keep = l2 <= threshold
         return constrained_groups(n, pairs[keep], l2[keep] / threshold, 1.0, (), cannot or [])
-    pairs, jaccard = jaccard_pairs(x, graph, neighbours, k2)
-    l2 = l2_of(pairs)
-    keep = (jaccard <= eps) & (l2 <= threshold)
-    return constrained_groups(n, pairs[keep], jaccard[keep].astype(np.float64), eps, (), cannot or [])
+    pairs, jaccard = jaccard_pairs(x, graph, neighbours, linkage.k2)
+    eps = np.full(len(pairs), linkage.eps)
+    if several is not None:
+        eps[several[pairs[:, 0]] | several[pairs[:, 1]]] = linkage.track_eps
+    keep = (jaccard <= eps) & (l2_of(pairs) <= threshold)
+    return constrained_groups(n, pairs[keep], jaccard[keep].astype(np.float64), 1.0, (), cannot or [])
 
 
 def regroup(
     gallery: Gallery,
     threshold: float,
-    eps: float = REGROUP_EPS,
-    neighbours: int = NEIGHBOURS,
+    linkage: Linkage = Linkage(),
     correct_averaging: bool = True,
     transit: TransitTable | None = None,
-    k2: int = JACCARD_K2,
 ) -> Regrouped:
     """Re-group every sighting (see the module's docstring); what it did. With replicas on PostgreSQL one runs at
     a time (an advisory lock; the others skip); on SQLite the service is the only writer. ``correct_averaging``
     (REID_TRACKLET_SPREAD_CORRECTION): each unit's mean gets back what averaging its crops took out before the
     threshold, as online (on CUHK03 val tracklets, pair precision 0.42 -> 0.57 at recall 0.64 -> 0.61;
     docs/RESULTS.md). ``transit``: tracks and lone crops seen at two cameras closer in time than anyone walks
-    between them are never one group (a named or reviewed person's sightings are the operator's). ``k2``: the
-    Jaccard distance's query expansion (REID_REGROUP_QUERY_EXPANSION)."""
+    between them are never one group (a named or reviewed person's sightings are the operator's)."""
     with contextlib.ExitStack() as stack:
         if gallery.postgres:
             connection = stack.enter_context(gallery.engine.connect())
             if not connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": REGROUP_LOCK}).scalar():
                 return Regrouped(0, 0, 0, 0, 0, 0.0, "another replica is re-grouping")
             stack.callback(connection.execute, text("SELECT pg_advisory_unlock(:key)"), {"key": REGROUP_LOCK})
-        return _regroup(gallery, threshold, eps, neighbours, correct_averaging, transit, k2)
+        return _regroup(gallery, threshold, linkage, correct_averaging, transit)
 
 
 def _regroup(
     gallery: Gallery,
     threshold: float,
-    eps: float,
-    neighbours: int,
+    linkage: Linkage,
     correct_averaging: bool,
     transit: TransitTable | None,
-    k2: int,
 ) -> Regrouped:
     began = time.monotonic()
     with gallery.sessions() as session:
@@ -296,7 +322,8 @@ def _regroup(
         return Regrouped(0, 0, 0, 0, 0, time.monotonic() - began)
     templates = np.stack([u.total / len(u.entries) for u in units]).astype(np.float32)
     lost = np.array([u.averaged_out() for u in units]) if correct_averaging else None
-    labels = link(templates, [u.camera for u in units], threshold, eps, neighbours, cannot, lost, k2)
+    several = np.array([len(u.entries) > 1 for u in units])
+    labels = link(templates, [u.camera for u in units], threshold, linkage, cannot, lost, several)
     assignment = _assign(units, labels, templates)
     return _write(gallery, units, assignment, stamp, began, int(labels.max()) + 1)
 

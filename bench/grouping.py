@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from app.db import Entry, Person, make_engine
 from app.gallery import Gallery
 from app.gallery.writes import NewEntry
-from app.regroup import EXACT_KNN_MAX, IVF_PROBE, REGROUP_EPS, knn_graph, link, regroup
+from app.regroup import EXACT_KNN_MAX, IVF_PROBE, REGROUP_EPS, Linkage, knn_graph, link, regroup
 from app.sightings import Sighting, enroll, plan, tracklets_of, unnamed_label
 from bench.common import PeakMemory, Table, add_common_args, int_list, mib, percentile, report, setup
 from models.clustering import constrained_groups, knn, knn_pairs, pair_distances
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     cameras = [f"cam{i % 4}" for i in range(args.n)]
     with PeakMemory() as peak:
         t0 = time.perf_counter()
-        labels = link(x, cameras, args.threshold, REGROUP_EPS, args.k, cannot)
+        labels = link(x, cameras, args.threshold, Linkage(neighbours=args.k), cannot)
         link_s = time.perf_counter() - t0
     table.add(
         args.n, f"link: all of re-grouping's grouping, Jaccard eps {REGROUP_EPS} + {len(cannot)} cannot-links",

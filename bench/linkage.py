@@ -31,7 +31,7 @@ from PIL import Image
 
 from app.config import Settings
 from app.embedder import Embedder
-from app.regroup import CENTRING_MIN_UNITS, JACCARD_K2, NEIGHBOURS, knn_graph, link
+from app.regroup import CENTRING_MIN_UNITS, JACCARD_K2, NEIGHBOURS, Linkage, knn_graph, link
 from app.search import weights_threshold
 from app.sightings import averaged_out
 from bench.common import Table, add_common_args, report, require_weights_and_manifest, setup
@@ -109,14 +109,14 @@ def groupings(
     dense = _dense_jaccard(templates, cameras, threshold)
     tree = linkage(squareform(dense, checks=False), method="average")
     for eps in EPS_SWEEP:
-        out[f"components (the service), eps {eps}"] = link(templates, cameras, threshold, eps)
+        out[f"components (the service), eps {eps}"] = link(templates, cameras, threshold, Linkage.one_eps(eps))
         if lost is not None and lost.any():
             out[f"components, spread added back, eps {eps}"] = link(
-                templates, cameras, threshold, eps, averaged_out=lost
+                templates, cameras, threshold, Linkage.one_eps(eps), averaged_out=lost
             )
         for k2 in QUERY_EXPANSION_PROBES:
             out[f"components, query expansion {k2}, eps {eps}"] = link(
-                templates, cameras, threshold, eps, averaged_out=lost, k2=k2
+                templates, cameras, threshold, Linkage.one_eps(eps, k2=k2), averaged_out=lost
             )
         keep = (jaccard <= eps) & (l2 <= threshold)
         p = pairs[keep]

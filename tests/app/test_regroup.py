@@ -17,7 +17,7 @@ from app import people, sightings
 from app.db import make_engine
 from app.gallery import Gallery
 from app.reembed import one_run
-from app.regroup import CENTRING_MIN_UNITS, JACCARD_K2, NEIGHBOURS, REGROUP_EPS, knn_graph, link, regroup
+from app.regroup import CENTRING_MIN_UNITS, JACCARD_K2, NEIGHBOURS, Linkage, knn_graph, link, regroup
 from app.sightings import Sighting
 from app.transit import TransitTable
 from models.clustering import camera_centred, jaccard_pairs
@@ -205,10 +205,23 @@ def test_look_alikes_under_the_threshold_do_not_chain_strangers_into_one_person(
         right = (together & same & off).sum()
         return right / (together & off).sum(), right / (same & off).sum()
 
-    precision, recall = pair_precision_recall(link(x, cameras, 10.0, eps=1.0))  # the threshold alone
+    precision, recall = pair_precision_recall(link(x, cameras, 10.0, Linkage.one_eps(1.0)))  # the threshold alone
     assert precision < 0.2 and recall == 1.0
-    precision, recall = pair_precision_recall(link(x, cameras, 10.0, eps=REGROUP_EPS))
+    precision, recall = pair_precision_recall(link(x, cameras, 10.0))  # lone crops: within REGROUP_EPS
     assert precision > 0.95 and recall > 0.5, (precision, recall)
+
+    # A pair with a unit of several crops links within the track eps, two lone crops within the other.
+    by_kind = Linkage(eps=1.0, track_eps=0.3)
+    alone, several = np.zeros(len(x), bool), np.ones(len(x), bool)
+    np.testing.assert_array_equal(
+        link(x, cameras, 10.0, by_kind, several=alone), link(x, cameras, 10.0, Linkage.one_eps(1.0))
+    )
+    np.testing.assert_array_equal(
+        link(x, cameras, 10.0, by_kind, several=several), link(x, cameras, 10.0, Linkage.one_eps(0.3))
+    )
+    mixed = link(x, cameras, 10.0, by_kind, several=np.arange(len(x)) < len(x) // 2)
+    groups = [len(np.unique(link(x, cameras, 10.0, Linkage.one_eps(eps)))) for eps in (1.0, 0.3)]
+    assert groups[0] < len(np.unique(mixed)) < groups[1]  # the second half's lone crops link more freely
 
 
 def transit_table(tmp_path: Path, text: str) -> TransitTable:

@@ -17,7 +17,7 @@ from app.api.deps import FORM_CAMERAS, Camera, GalleryDep, ReadyDep, utc
 from app.api.inputs import MAX_IDENTITY_LENGTH, MAX_SAFE_INTEGER, check_camera, check_new_identity
 from app.api.routes.identities import TOTAL_COUNT_HEADER
 from app.errors import ApiError, problem_responses
-from app.regroup import regroup
+from app.regroup import Linkage, regroup
 from app.schemas import PeopleCount, PersonOut, RegroupOut, Timeline
 from app.sightings import join_threshold
 
@@ -111,10 +111,9 @@ async def regroup_people(state: ReadyDep) -> RegroupOut:
         regroup,
         state.gallery,
         threshold,
-        state.settings.regroup_eps,
+        Linkage.from_settings(state.settings),
         correct_averaging=state.settings.tracklet_spread_correction,
         transit=state.transit,
-        k2=state.settings.regroup_query_expansion,
     )
     return RegroupOut(threshold=threshold, **dataclasses.asdict(done))
 
