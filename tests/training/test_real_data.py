@@ -110,7 +110,8 @@ def test_a_short_adaptation_to_part_of_a_new_site_gains_over_its_source(tmp_path
     before, after = report["rounds"][0]["figures"], report["final"]
     # Measured (seed 0): a 2-core Xeon, mAP 13.8 -> 18.1 and rank-1 10.4 -> 13.8 (16.1 and 14.2 with
     # --no-adapt-bn); a 2-core EPYC without AVX-512, mAP 13.8 -> 16.5 and rank-1 10.4 -> 10.8; one with it, mAP
-    # 13.8 -> 18.3 and rank-1 10.4 -> 14.2. Rank-1 over 120 queries moves in steps of 0.83 and swings with the
-    # CPU's sums, so it must only not fall; mAP carries the gain.
+    # 13.8 -> 18.3 and rank-1 10.4 -> 14.2. With the query expansion of 2 (k2 2, eps 0.6), on an EPYC without
+    # AVX-512: mAP 13.8 -> 20.0, rank-1 10.4 -> 15.4. Rank-1 over 120 queries moves in steps of 0.83 and swings
+    # with the CPU's sums, so it must only not fall; mAP carries the gain.
     assert after["mAP"] > before["mAP"] + 1.0, (before, after)
     assert after["rank1"] >= before["rank1"], (before, after)
