@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from app import people, sightings
+from app.config import Settings
 from app.db import make_engine
 from app.gallery import Gallery
 from app.reembed import one_run
@@ -222,6 +223,13 @@ def test_look_alikes_under_the_threshold_do_not_chain_strangers_into_one_person(
     mixed = link(x, cameras, 10.0, by_kind, several=np.arange(len(x)) < len(x) // 2)
     groups = [len(np.unique(link(x, cameras, 10.0, Linkage.one_eps(eps)))) for eps in (1.0, 0.3)]
     assert groups[0] < len(np.unique(mixed)) < groups[1]  # the second half's lone crops link more freely
+
+
+def test_the_services_settings_default_to_the_measured_linkage() -> None:
+    # Settings keeps the REID_REGROUP_* knobs, app.regroup the values measured for them: they must not drift apart.
+    assert Linkage.from_settings(Settings.model_construct()) == Linkage()  # the fields' defaults, no environment
+    bounds = [m.le for m in Settings.model_fields["regroup_query_expansion"].metadata if hasattr(m, "le")]
+    assert bounds == [NEIGHBOURS + 1]  # the expansion draws on a unit's own neighbours only
 
 
 def transit_table(tmp_path: Path, text: str) -> TransitTable:
