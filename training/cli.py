@@ -124,7 +124,8 @@ def _add_adapt_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--threshold-from", choices=("source", "pseudo"), default=d.threshold_from,
-        help="the served default threshold: the source's calibration (default) or one from the pseudo-identities",
+        help="the served default threshold: one estimated from the pseudo-identities (default) or the source's "
+        "calibration",
     )  # fmt: skip
     p.add_argument("--amp", choices=("none", "bf16"), default=d.amp, help="mixed precision of the steps")
     p.add_argument(

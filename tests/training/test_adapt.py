@@ -258,7 +258,7 @@ def test_the_command_adapts_a_folder_and_evaluates_a_manifest(tmp_path: Path, ti
     assert "--eval needs a manifest with a pid column" in capsys.readouterr().err
 
 
-def test_the_served_threshold_is_the_sources_unless_asked_or_absent() -> None:
+def test_the_served_threshold_is_the_one_asked_for_or_else_the_estimate() -> None:
     source = {"thresholds": [{"fmr": 0.01, "distance": 29.3, "tmr": 0.6}], "fmr_curve": [[20.0, 1e-4]],
               "threshold_split": "val", "recipe": "strong"}  # fmt: skip
     pseudo = {"thresholds": [{"fmr": 0.01, "distance": 30.0, "tmr": 0.7}], "threshold_split": "site pseudo"}
