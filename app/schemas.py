@@ -195,7 +195,7 @@ class SightingsResult(BaseModel):
     provisional_threshold: float | None = Field(
         None,
         description="the stricter threshold under which a tracklet joins a provisional person (the weights' "
-        "calibrated one at REID_PROVISIONAL_JOIN_FMR, never above the join threshold); identities use the join one",
+        "one at REID_PROVISIONAL_JOIN_FMR, never above the join threshold); identities use the join one",
     )
 
 

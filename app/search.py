@@ -60,6 +60,14 @@ class ScoreCurve:
     def similarity(self, distance: float) -> float:
         return 1.0 - self.false_match_rate(distance)
 
+    def distance_at(self, fmr: float) -> float | None:
+        """The distance at which the false-match rate is ``fmr``, interpolated in log space as above; None outside
+        the rates the curve resolves."""
+        rate = math.log10(fmr)
+        if not self.log_fmrs[0] <= rate <= self.log_fmrs[-1]:
+            return None
+        return float(np.interp(rate, self.log_fmrs, self.distances))
+
 
 def similarity(distance: float, curve: ScoreCurve | None = None) -> float:
     """The calibrated score (ONE_MINUS_FMR) where the weights carry a curve, else INVERSE_DISTANCE."""
@@ -140,15 +148,16 @@ def identities(matches: list[Match], threshold: float | None) -> list[IdentityMa
 
 def weights_threshold(provenance: dict[str, Any], fmr: float) -> tuple[float, str] | None:
     """The calibrated L2 threshold at false-match rate ``fmr`` from the weights' provenance, and its source
-    (e.g. ``"weights (FMR 0.01, val)"``); None when the weights carry none at that rate.
+    (e.g. ``"weights (FMR 0.01, val)"``): a calibrated threshold at that rate, else the distance the weights'
+    false-match curve gives it (training's resolves 1e-4 to 1); None when the weights carry neither.
 
-    Training writes ``"thresholds": [{"fmr": 0.01, "distance": ..., "tmr": ...}, ...]`` and ``"threshold_split"``.
+    Training writes ``"thresholds": [{"fmr": 0.01, "distance": ..., "tmr": ...}, ...]``, ``"fmr_curve"`` and
+    ``"threshold_split"``.
     """
-    thresholds = provenance.get("thresholds")
-    if not isinstance(thresholds, list):
-        return None
     split = provenance.get("threshold_split")
-    for item in thresholds:
+    where = f", {split}" if isinstance(split, str) and split else ""
+    thresholds = provenance.get("thresholds")
+    for item in thresholds if isinstance(thresholds, list) else []:
         if not isinstance(item, dict):
             continue
         try:
@@ -156,6 +165,7 @@ def weights_threshold(provenance: dict[str, Any], fmr: float) -> tuple[float, st
         except (KeyError, TypeError, ValueError):
             continue
         if math.isclose(rate, fmr, rel_tol=1e-6) and math.isfinite(distance) and distance >= 0:
-            where = f", {split}" if isinstance(split, str) and split else ""
             return distance, f"weights (FMR {rate:g}{where})"
-    return None
+    curve = ScoreCurve.from_provenance(provenance)
+    distance = curve.distance_at(fmr) if curve is not None else None
+    return (distance, f"weights (FMR {fmr:g}{where}, from its false-match curve)") if distance is not None else None

@@ -55,9 +55,10 @@ def join_threshold(settings: Settings, provenance: dict[str, Any], trained: bool
 def provisional_threshold(
     settings: Settings, provenance: dict[str, Any], trained: bool, threshold: float | None
 ) -> float | None:
-    """The distance under which a tracklet joins a provisional person online: the weights' calibrated threshold at
-    REID_PROVISIONAL_JOIN_FMR, never above ``threshold`` (the join threshold), which it is where the weights carry
-    no calibration at that rate.
+    """The distance under which a tracklet joins a provisional person online: the weights' threshold at
+    REID_PROVISIONAL_JOIN_FMR (calibrated, or from their false-match curve), never above ``threshold`` (the join
+    threshold). Weights with neither at that rate give their strictest calibrated threshold above it, and weights
+    with no calibration the join threshold.
 
     Why stricter than the join threshold: online, a sighting is compared with every person at once, so the chance
     that some stranger lies under a threshold grows with their number; at the query's FMR 1e-2, CUHK03 val's crops
@@ -65,7 +66,15 @@ def provisional_threshold(
     stays wrong until re-grouping; a missed join is two provisional people that re-grouping puts together."""
     if threshold is None:
         return None
-    calibrated = weights_threshold(provenance, settings.provisional_join_fmr) if trained else None
+    if not trained:
+        return threshold
+    rate = settings.provisional_join_fmr
+    calibrated = weights_threshold(provenance, rate)
+    if calibrated is None:
+        listed = provenance.get("thresholds")
+        rates = [item.get("fmr") for item in listed if isinstance(item, dict)] if isinstance(listed, list) else []
+        above = sorted(r for r in rates if isinstance(r, int | float) and r > rate)
+        calibrated = next((c for r in above if (c := weights_threshold(provenance, r)) is not None), None)
     return threshold if calibrated is None else min(threshold, calibrated[0])
 
 

@@ -171,3 +171,22 @@ def test_the_score_is_one_minus_the_false_match_rate_of_the_weights_curve() -> N
     assert similarity(3.0) == 0.25  # without a curve: 1 / (1 + d)
     for broken in ({}, {"fmr_curve": [[1.0, 0.5]]}, {"fmr_curve": [[2.0, 0.1], [1.0, 0.5]]}, {"fmr_curve": "x"}):
         assert ScoreCurve.from_provenance(broken) is None
+
+
+def test_a_rate_without_a_calibrated_threshold_takes_its_distance_from_the_curve() -> None:
+    # REID_PROVISIONAL_JOIN_FMR=1e-4 for a gallery of thousands: training calibrates thresholds at 1e-2 and 1e-3
+    # only, but its false-match curve resolves 1e-4 to 1.
+    impostor = np.random.default_rng(0).uniform(25.0, 35.0, 100_000)
+    provenance = {
+        "thresholds": [{"fmr": 0.01, "distance": 7.5}],
+        "fmr_curve": fmr_curve(impostor),
+        "threshold_split": "val",
+    }
+    assert weights_threshold(provenance, 0.01) == (7.5, "weights (FMR 0.01, val)")  # the calibrated one first
+    distance, source = weights_threshold(provenance, 1e-4)
+    assert distance == pytest.approx(np.quantile(impostor, 1e-4), abs=0.01)
+    assert source == "weights (FMR 0.0001, val, from its false-match curve)"
+    assert np.mean(impostor <= weights_threshold(provenance, 0.005)[0]) == pytest.approx(0.005, rel=0.05)
+    curve = ScoreCurve.from_provenance(provenance)
+    assert curve.false_match_rate(curve.distance_at(0.003)) == pytest.approx(0.003)  # the inverse of the score
+    assert weights_threshold(provenance, 1e-5) is None  # under what its pairs resolve

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -17,9 +18,11 @@ from PIL import Image
 from app.config import Settings
 from app.ingest import Options, ingest
 from app.main import create_app
+from app.sightings import provisional_threshold
 from models import load_weights, save_weights
 from tests.app.conftest import png_bytes
 from tests.conftest import SHARED_DATA, require_shared
+from training.export import fmr_curve
 
 T0 = "2026-03-01T10:00:00Z"
 
@@ -131,6 +134,21 @@ def test_provisional_people_are_joined_under_the_stricter_threshold_identities_u
     with TestClient(create_app(settings.model_copy(update={**update, "provisional_join_fmr": 0.01}))) as client:
         joined = send(client, [(2, sighting("c4", "8"))]).json()["tracklets"][0]
         assert joined["joined"] == "match"  # at the join threshold's own rate, as before
+
+
+def test_the_provisional_threshold_comes_off_the_curve_else_the_strictest_calibrated_one(settings: Settings) -> None:
+    # The default rate, 1e-4, is under the thresholds training calibrates (1e-2, 1e-3) but on its curve.
+    impostor = np.random.default_rng(0).uniform(25.0, 35.0, 100_000)
+    thresholds = [{"fmr": 0.01, "distance": 34.0}, {"fmr": 0.001, "distance": 26.0}]
+    provenance = {"thresholds": thresholds, "fmr_curve": fmr_curve(impostor), "threshold_split": "val"}
+    assert settings.provisional_join_fmr == 1e-4
+    assert provisional_threshold(settings, provenance, True, 34.0) == pytest.approx(
+        np.quantile(impostor, 1e-4), abs=0.01
+    )
+    assert provisional_threshold(settings, {"thresholds": thresholds}, True, 34.0) == 26.0  # no curve: its 1e-3 one
+    assert provisional_threshold(settings, {"thresholds": thresholds}, True, 20.0) == 20.0  # never above the join one
+    assert provisional_threshold(settings, {}, True, 34.0) == 34.0  # no calibration: the join threshold
+    assert provisional_threshold(settings, provenance, True, None) is None
 
 
 def test_merge_split_ignore_and_count(client: TestClient) -> None:
