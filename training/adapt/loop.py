@@ -84,7 +84,7 @@ class AdaptConfig:
     workers: int = 0
     # The default threshold and score curve: "pseudo", estimated from the last round's pseudo-identities, or
     # "source", the source's own calibration. On cuhk01-site the estimate's FMR 1e-2 threshold let through 1.01% of
-    # the impostor pairs (6 runs, two sources), the source's 0.2 to 0.4%: a stricter threshold than asked, at a
+    # the impostor pairs (6 runs, two sources), the source's 0.2 to 0.5%: a stricter threshold than asked, at a
     # site it never saw (docs/TRAINING.md, "The threshold").
     threshold_from: str = "pseudo"
     eval: bool = False  # score each round with the manifest's pid column (never trained on)
