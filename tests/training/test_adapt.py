@@ -188,6 +188,8 @@ def test_adapt_never_reads_identities_and_records_its_provenance(tmp_path: Path,
     assert record["source_fingerprint"] == source.fingerprint and record["site_crops"] == 48
     assert record["site_crops_sha256"] == read_site(site).sha256() and record["settings"]["cluster"]["k1"] == 4
     assert adapted.provenance["threshold_split"] == "site pseudo-identities (adaptation)"
+    # No true-match rate from pseudo-identities: their genuine pairs are the ones the clustering found close.
+    assert adapted.provenance["thresholds"] and all("tmr" not in t for t in adapted.provenance["thresholds"])
     assert adapted.provenance["adaptation"]["source"]["recipe"] == "test" and "recipe" not in adapted.provenance
 
 
