@@ -146,6 +146,22 @@ def identities(matches: list[Match], threshold: float | None) -> list[IdentityMa
     return sorted(best.values(), key=lambda i: i.distance)
 
 
+def calibrated_thresholds(provenance: dict[str, Any]) -> list[tuple[float, float]]:
+    """The weights' well-formed calibrated thresholds as ``(fmr, distance)``, ascending by rate."""
+    thresholds = provenance.get("thresholds")
+    out: list[tuple[float, float]] = []
+    for item in thresholds if isinstance(thresholds, list) else []:
+        if not isinstance(item, dict):
+            continue
+        try:
+            rate, distance = float(item["fmr"]), float(item["distance"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isfinite(distance) and distance >= 0:
+            out.append((rate, distance))
+    return sorted(out)
+
+
 def weights_threshold(provenance: dict[str, Any], fmr: float) -> tuple[float, str] | None:
     """The calibrated L2 threshold at false-match rate ``fmr`` from the weights' provenance, and its source
     (e.g. ``"weights (FMR 0.01, val)"``): a calibrated threshold at that rate, else the distance the weights'
@@ -156,15 +172,8 @@ def weights_threshold(provenance: dict[str, Any], fmr: float) -> tuple[float, st
     """
     split = provenance.get("threshold_split")
     where = f", {split}" if isinstance(split, str) and split else ""
-    thresholds = provenance.get("thresholds")
-    for item in thresholds if isinstance(thresholds, list) else []:
-        if not isinstance(item, dict):
-            continue
-        try:
-            rate, distance = float(item["fmr"]), float(item["distance"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if math.isclose(rate, fmr, rel_tol=1e-6) and math.isfinite(distance) and distance >= 0:
+    for rate, distance in calibrated_thresholds(provenance):
+        if math.isclose(rate, fmr, rel_tol=1e-6):
             return distance, f"weights (FMR {rate:g}{where})"
     curve = ScoreCurve.from_provenance(provenance)
     distance = curve.distance_at(fmr) if curve is not None else None

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import PERSON_MERGED, PERSON_NAMED, UNNAMED_PREFIX, Entry, Person
 from app.gallery import BeforeInsert, Gallery, NewEntry, StoredCrop
-from app.search import weights_threshold
+from app.search import calibrated_thresholds, weights_threshold
 from app.transit import Span, TransitTable
 
 JOIN_CANDIDATES = 20  # nearest entries looked at per tracklet: the nearest identities, not the nearest crops
@@ -69,13 +69,11 @@ def provisional_threshold(
     if not trained:
         return threshold
     rate = settings.provisional_join_fmr
-    calibrated = weights_threshold(provenance, rate)
-    if calibrated is None:
-        listed = provenance.get("thresholds")
-        rates = [item.get("fmr") for item in listed if isinstance(item, dict)] if isinstance(listed, list) else []
-        above = sorted(r for r in rates if isinstance(r, int | float) and r > rate)
-        calibrated = next((c for r in above if (c := weights_threshold(provenance, r)) is not None), None)
-    return threshold if calibrated is None else min(threshold, calibrated[0])
+    at_rate = weights_threshold(provenance, rate)
+    # No curve to read the rate off: the strictest calibrated threshold above it.
+    above = [distance for fmr, distance in calibrated_thresholds(provenance) if fmr > rate]
+    distance = at_rate[0] if at_rate is not None else (above[0] if above else None)
+    return threshold if distance is None else min(threshold, distance)
 
 
 def is_provisional(identity: str | None) -> bool:
